@@ -1,0 +1,81 @@
+"""Turn a ``path`` + ``args`` pair into a class and validated constructor arguments.
+
+Arguments are checked against the constructor's signature and type hints (pydantic, strict mode), so a
+misspelt argument or a string where a number belongs is reported before anything runs. Nested tables are
+accepted where the constructor asks for a pydantic model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from fedstream.config.errors import from_validation_error
+from fedstream.errors import ConfigError
+
+
+def import_object(path: str, key: str) -> Any:
+    """Import ``package.module.Name``; failures name ``key`` and what could not be found."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {module_name!r} for {path!r}: {exc}", key=key) from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        names = sorted(name for name in vars(module) if not name.startswith("_"))
+        raise ConfigError(
+            f"module {module_name!r} has no {attr!r}; it defines: {', '.join(names) or 'nothing'}", key=key
+        ) from None
+
+
+def args_model(cls: type) -> type[BaseModel]:
+    """A pydantic model of ``cls``'s constructor arguments (extra keys allowed only if it takes ``**kwargs``)."""
+    signature = inspect.signature(cls)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):
+        hints = {}
+    fields: dict[str, Any] = {}
+    extra = "forbid"
+    for name, param in signature.parameters.items():
+        if param.kind is param.VAR_KEYWORD:
+            extra = "allow"
+            continue
+        if param.kind is param.VAR_POSITIONAL:
+            continue
+        default = ... if param.default is param.empty else param.default
+        fields[name] = (hints.get(name, Any), default)
+    config = ConfigDict(extra=extra, strict=True, arbitrary_types_allowed=True)  # type: ignore[typeddict-item]
+    return create_model(f"{cls.__name__}Args", __config__=config, **fields)
+
+
+def validate_args(cls: type, args: dict[str, Any], key: str) -> BaseModel:
+    """Validate ``args`` for ``cls``; errors are located under ``key`` (``server.workflow.args``)."""
+    try:
+        return args_model(cls).model_validate(args)
+    except ValidationError as exc:
+        raise from_validation_error(exc, prefix=key) from None
+
+
+def dump_args(validated: BaseModel) -> dict[str, Any]:
+    """The full argument table, defaults included, as TOML-writable data (``None`` values are left out)."""
+    data = validated.model_dump(mode="json")
+    return {name: value for name, value in data.items() if value is not None}
+
+
+def instantiate(cls: type, validated: BaseModel, key: str) -> Any:
+    """Call ``cls`` with validated arguments; a ``ValueError`` or ``ConfigError`` it raises names ``key``."""
+    kwargs = {name: getattr(validated, name) for name in type(validated).model_fields}
+    kwargs.update(validated.model_extra or {})
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise exc.located(prefix=key) from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{cls.__name__} rejected its arguments: {exc}", key=key) from exc

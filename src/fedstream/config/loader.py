@@ -1,0 +1,186 @@
+"""Load a job folder: read ``job.toml``, apply ``--set`` overrides, validate everything, resolve components.
+
+The result is a :class:`Job` whose config holds every value, defaults included, so that
+``fedstream job show`` prints exactly what runs and that output loads back to the same job.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+from pydantic import BaseModel, ValidationError
+
+from fedstream.config.components import dump_args, import_object, instantiate, validate_args
+from fedstream.config.errors import from_validation_error
+from fedstream.config.schema import JobConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from fedstream.errors import ConfigError
+
+JOB_FILE = "job.toml"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A resolved component: its class, its validated arguments and where it sits in the config."""
+
+    key: str
+    cls: type
+    args: BaseModel
+    source: str
+
+    def build(self, base: type[T]) -> T:
+        """Construct it; the class must derive from ``base``. Errors name the source file and key."""
+        if not issubclass(self.cls, base):
+            raise ConfigError(
+                f"{self.cls.__module__}.{self.cls.__qualname__} is not a {base.__module__}.{base.__qualname__}",
+                file=self.source,
+                key=f"{self.key}.path",
+            )
+        try:
+            built: T = instantiate(self.cls, self.args, f"{self.key}.args")
+        except ConfigError as exc:
+            raise exc.located(file=self.source) from exc
+        return built
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job: its folder, its fully resolved config and its resolved components."""
+
+    dir: Path
+    config: JobConfig
+    components: dict[str, Component]
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def component(self, key: str) -> Component:
+        """The component at ``key`` (``server.workflow``, ``model``, ``client.trainer``, ``server.receivers.x``)."""
+        return self.components[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (every default written out)."""
+        data = self.config.model_dump(mode="json")
+        for key, comp in self.components.items():
+            node = data
+            for part in key.split("."):
+                node = node[part]
+            node["args"] = dump_args(comp.args)
+        return data
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML; loading it back gives the same job."""
+        return tomli_w.dumps(self.to_dict())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value``; the value is read as a TOML value, or taken as a plain string if it is not one."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(part.strip() for part in parts):
+        raise ConfigError(f"expected KEY=VALUE with a dotted key, got {text!r}", file="--set")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return [part.strip() for part in parts], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Apply ``--set`` overrides to ``data`` in place; returns the dotted keys they set."""
+    keys = set()
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"{where!r} is a {type(child).__name__}, not a table", file="--set", key=".".join(parts))
+            node = child
+        node[parts[-1]] = value
+        keys.add(".".join(parts))
+    return keys
+
+
+# What each component must be, by import path (resolved on use, so this package imports nothing above it).
+KINDS = {
+    "model": "torch.nn.Module",
+    "server.workflow": "fedstream.workflows.base.Workflow",
+    "client.trainer": "fedstream.pt.trainer.Trainer",
+    "server.receivers": "fedstream.server.receiver.Receiver",
+}
+
+
+def _component_keys(config: JobConfig) -> dict[str, str]:
+    """Each component's dotted key and the import path of the base class it must derive from."""
+    keys = {key: KINDS[key] for key in ("model", "server.workflow", "client.trainer")}
+    keys.update({f"server.receivers.{name}": KINDS["server.receivers"] for name in config.server.receivers})
+    return keys
+
+
+def _get(config: JobConfig, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def load_job(job_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Job:
+    """Load and validate the job in ``job_dir``; any problem raises :class:`ConfigError` naming file and key.
+
+    The job folder goes first on ``sys.path`` so the job imports its own modules without PYTHONPATH.
+    """
+    folder = Path(job_dir).resolve()
+    file = folder / JOB_FILE
+    if not folder.is_dir():
+        raise ConfigError("no such job folder", file=str(folder))
+    if not file.is_file():
+        raise ConfigError(f"the job folder has no {JOB_FILE}", file=str(file))
+    try:
+        data = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=str(file)) from exc
+    data.setdefault("name", folder.name)
+    return load_job_data(folder, data, list(overrides), source=str(file))
+
+
+def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, source: str) -> Job:
+    """Validate already-parsed job data (a ``job.toml`` or a resolved config) for the job in ``folder``."""
+    overridden = apply_overrides(data, overrides)
+
+    def where(error: ConfigError) -> ConfigError:
+        by_override = any(error.key == k or error.key.startswith(k + ".") or k.startswith(error.key + ".") for k in overridden)
+        return error.located(file=f"{source} (--set)" if by_override else source)
+
+    try:
+        config = JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise where(from_validation_error(exc)) from None
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    components = {}
+    for key, kind in _component_keys(config).items():
+        ref = _get(config, key)
+        try:
+            cls = import_object(ref.path, f"{key}.path")
+            if not isinstance(cls, type):
+                raise ConfigError(f"{ref.path!r} is a {type(cls).__name__}, not a class", key=f"{key}.path")
+            if not issubclass(cls, import_object(kind, "")):
+                raise ConfigError(f"{ref.path} is not a {kind}", key=f"{key}.path")
+            components[key] = Component(key, cls, validate_args(cls, ref.args, f"{key}.args"), source)
+        except ConfigError as exc:
+            raise where(exc) from None
+    return Job(dir=folder, config=config, components=components, source=source)

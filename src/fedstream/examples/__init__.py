@@ -1,0 +1,1 @@
+"""Reference trainers and models used by the jobs in ``jobs/``."""

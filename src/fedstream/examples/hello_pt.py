@@ -1,0 +1,141 @@
+"""The hello-pt reference job: a small CNN trained on CIFAR-10 at every site.
+
+:class:`HelloPTTrainer` has hook methods (``on_train_start``, ``on_batch``, ``on_epoch_end``,
+``on_train_end``) that do nothing here; the tracking jobs subclass it and log from them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedstream.pt.site_data import Cifar10Data, SiteData, batches
+from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
+
+
+class SimpleNetwork(nn.Module):
+    """conv 3->6 k5, max-pool 2, conv 6->16 k5, max-pool 2, fc 400->120->84->10, ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class HelloPTTrainer(Trainer):
+    """CrossEntropyLoss and SGD with momentum 0.9 on the site's share of CIFAR-10.
+
+    Args:
+        epochs: local epochs per round.
+        batch_size: training mini-batch size.
+        lr: SGD learning rate.
+        eval_batch_size: mini-batch size for validation (no gradients, so larger is faster).
+        device: ``cpu``, ``cuda`` or ``auto`` (cuda when available).
+        data: which part of CIFAR-10 this site trains and validates on.
+    """
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        lr: float = 0.01,
+        eval_batch_size: int = 500,
+        device: str = "cpu",
+        data: Cifar10Data = Cifar10Data(),  # noqa: B008 - immutable settings
+    ) -> None:
+        if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"epochs, batch_size and eval_batch_size must be at least 1, got {epochs}, {batch_size}, {eval_batch_size}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.eval_batch_size = eval_batch_size
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.data_config = data
+        self.loss = nn.CrossEntropyLoss()
+
+    def setup(self) -> None:
+        self.data: SiteData = self.data_config.for_site(self.site.index, self.site.num_sites)
+        self.model.to(self.device)
+        self.site.log.info(
+            "%d training and %d validation samples", len(self.data.train_indices), len(self.data.test_indices)
+        )
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.epochs * -(-len(self.data.train_indices) // self.batch_size)
+
+    def train(self, task: TaskInfo) -> TrainOutput:
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
+        rng = np.random.default_rng([self.data_config.seed, self.site.index, task.round])
+        self.on_train_start(task)
+        self.model.train()
+        step = 0
+        epoch_loss = 0.0
+        for epoch in range(self.epochs):
+            running_loss, seen = 0.0, 0
+            for x, y in batches(self.data.train, self.data.train_indices, self.batch_size, shuffle=rng):
+                optimizer.zero_grad()
+                cost = self.loss(self.model(x.to(self.device)), y.to(self.device))
+                cost.backward()
+                optimizer.step()
+                loss = cost.item()
+                running_loss += loss
+                seen += 1
+                self.on_batch(task, step, loss, running_loss / seen)
+                step += 1
+            epoch_loss = running_loss / max(seen, 1)
+            self.on_epoch_end(task, epoch, step)
+        output = TrainOutput(num_samples=len(self.data.train_indices), metrics={"train_loss": epoch_loss})
+        self.on_train_end(task, output)
+        return output
+
+    def validate(self, task: TaskInfo) -> ValidationOutput:
+        accuracy, loss = self.evaluate()
+        return ValidationOutput(num_samples=len(self.data.test_indices), metrics={"accuracy": accuracy, "loss": loss})
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Accuracy and mean loss of the current model on the site's validation samples."""
+        self.model.eval()
+        correct, total, loss_sum = 0, 0, 0.0
+        for x, y in batches(self.data.test, self.data.test_indices, self.eval_batch_size):
+            logits = self.model(x.to(self.device))
+            y = y.to(self.device)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == y).sum())
+            total += len(y)
+        return correct / max(total, 1), loss_sum / max(total, 1)
+
+    # Hooks for subclasses that log; ``step`` counts batches within the round, from 0.
+    def on_train_start(self, task: TaskInfo) -> None:
+        """Called before the first batch of a round."""
+
+    def on_batch(self, task: TaskInfo, step: int, loss: float, running_loss: float) -> None:
+        """Called after every training batch."""
+
+    def on_epoch_end(self, task: TaskInfo, epoch: int, step: int) -> None:
+        """Called after every local epoch; ``step`` batches have been trained this round."""
+
+    def on_train_end(self, task: TaskInfo, output: TrainOutput) -> None:
+        """Called after the last epoch of a round."""

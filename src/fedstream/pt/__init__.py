@@ -1,0 +1,1 @@
+"""PyTorch on the sites: the trainer API and CIFAR-10 without torchvision."""

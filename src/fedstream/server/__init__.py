@@ -1,0 +1,1 @@
+"""The server side: the federation of sites, event intake, model checkpoints and the receiver base."""

@@ -1,0 +1,1 @@
+"""The simulator: the server in this process, the sites in worker processes, connected by pipes."""

@@ -1,0 +1,169 @@
+"""Ship a site's events to the server exactly once and in order, without blocking the caller.
+
+The :class:`Forwarder` subscribes to the configured event names on the site's bus and puts each event,
+renamed with the configured prefix, into the :class:`Outbox`. The outbox numbers events, sends them in
+batches (when a batch is full, when the oldest event has waited ``max_delay_s``, or when asked to flush),
+keeps each batch until the server acknowledges it, and resends it if no acknowledgement arrives within
+``ack_timeout_s``. The server drops sequence numbers it has already handled, so a resend never duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from fedstream.events import Event, EventBus
+from fedstream.messages import EventBatch
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    """A site's outgoing events: numbered, batched, acknowledged, resent.
+
+    ``put`` only appends to a queue; one background thread does all sending. When ``capacity`` events are
+    waiting (the server has fallen far behind), ``put`` blocks until there is room rather than lose events.
+    """
+
+    def __init__(
+        self,
+        site: str,
+        send: Callable[[EventBatch], None],
+        *,
+        batch_size: int = 1000,
+        max_delay_s: float = 0.5,
+        ack_timeout_s: float = 10.0,
+        capacity: int = 1_000_000,
+    ) -> None:
+        self.site = site
+        self._send = send
+        self._batch_size = batch_size
+        self._max_delay_s = max_delay_s
+        self._ack_timeout_s = ack_timeout_s
+        self._capacity = capacity
+        self._cond = threading.Condition()
+        self._pending: deque[tuple[str, Any]] = deque()
+        self._oldest = 0.0  # when the first pending event was put
+        self._inflight: EventBatch | None = None
+        self._sent_at = 0.0
+        self._acked = 0  # every event up to this sequence number is handled by the server
+        self._flushing = False
+        self._closed = False
+        self.resends = 0
+        self._thread = threading.Thread(target=self._run, name=f"outbox-{site}", daemon=True)
+        self._thread.start()
+
+    def put(self, name: str, data: Any) -> None:
+        """Queue one event; returns at once unless ``capacity`` events are already waiting."""
+        with self._cond:
+            if len(self._pending) >= self._capacity:
+                log.warning("%s: %d events wait for the server; pausing the sender", self.site, self._capacity)
+                self._cond.wait_for(lambda: len(self._pending) < self._capacity or self._closed)
+            if not self._pending:
+                self._oldest = time.monotonic()
+            self._pending.append((name, data))
+            if len(self._pending) == self._batch_size:
+                self._cond.notify_all()
+
+    def acknowledge(self, seq: int) -> None:
+        """The server has handled every event up to ``seq``."""
+        with self._cond:
+            batch = self._inflight
+            if batch is None or seq < batch.first_seq:
+                return
+            done = seq - batch.first_seq + 1
+            self._acked = seq
+            if done >= len(batch.events):
+                self._inflight = None
+            else:  # partly handled: resend the rest
+                self._inflight = EventBatch(self.site, seq + 1, batch.events[done:])
+                self._sent_at = 0.0
+            self._cond.notify_all()
+
+    def request_flush(self) -> None:
+        """Send whatever is waiting now, without waiting for the acknowledgement."""
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Send everything queued so far and wait for the server to acknowledge it; ``False`` on timeout."""
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: not self._pending and self._inflight is None, timeout_s)
+
+    @property
+    def unacknowledged(self) -> int:
+        """Events put but not yet acknowledged by the server."""
+        with self._cond:
+            return len(self._pending) + (len(self._inflight.events) if self._inflight else 0)
+
+    def close(self, timeout_s: float) -> bool:
+        """Flush, then stop the sending thread; ``False`` if events were still unacknowledged."""
+        flushed = self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        return flushed
+
+    def _next_batch(self) -> EventBatch | None:
+        """Under the lock: the batch to send now, or ``None`` after waiting a while."""
+        now = time.monotonic()
+        if self._inflight is not None:
+            wait = self._sent_at + self._ack_timeout_s - now
+            if wait <= 0:
+                if self._sent_at:
+                    self.resends += 1
+                    log.warning("%s: no acknowledgement for events from #%d; resending", self.site, self._inflight.first_seq)
+                return self._inflight
+            self._cond.wait(wait)
+            return None
+        if not self._pending:
+            self._flushing = False
+            self._cond.wait()
+            return None
+        wait = self._oldest + self._max_delay_s - now
+        if len(self._pending) < self._batch_size and not self._flushing and not self._closed and wait > 0:
+            self._cond.wait(wait)
+            return None
+        count = min(self._batch_size, len(self._pending))
+        events = [self._pending.popleft() for _ in range(count)]
+        self._oldest = now
+        self._inflight = EventBatch(self.site, self._acked + 1, events)
+        return self._inflight
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed and self._inflight is None and not self._pending:
+                    return
+                batch = self._next_batch()
+                if batch is not None:
+                    self._sent_at = time.monotonic()
+                    self._cond.notify_all()  # a blocked put() may proceed
+            if batch is not None:
+                try:
+                    self._send(batch)
+                except Exception:
+                    log.exception("%s: sending events failed; will resend", self.site)
+
+
+class Forwarder:
+    """Ships the site's events named in ``events`` to the server as ``prefix + name``."""
+
+    def __init__(self, bus: EventBus, outbox: Outbox, events: list[str], prefix: str) -> None:
+        for name in events:
+            bus.subscribe(name, self._forward_as(prefix + name, outbox))
+
+    @staticmethod
+    def _forward_as(fed_name: str, outbox: Outbox) -> Callable[[Event], None]:
+        def forward(event: Event) -> None:
+            outbox.put(fed_name, event.data)
+
+        return forward

@@ -1,0 +1,115 @@
+"""Test data and job folders, made by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cifar_batches(per_batch: int = 60, test: int = 200, seed: int = 0) -> dict[str, dict[bytes, Any]]:
+    """CIFAR-10-shaped batches a small CNN learns quickly: each class is a bright block at its own place and
+    colour, on noise. Same keys and types as the official files."""
+    rng = np.random.default_rng(seed)
+
+    def batch(count: int, label: str) -> dict[bytes, Any]:
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 70, (count, 3, 32, 32), dtype=np.uint8)
+        for i, cls in enumerate(labels):
+            row, col = (cls // 4) * 10, (cls % 4) * 8
+            images[i, cls % 3, row : row + 10, col : col + 8] = 230
+        return {
+            b"batch_label": label.encode(),
+            b"labels": [int(x) for x in labels],
+            b"data": images.reshape(count, -1),
+            b"filenames": [f"img_{label}_{i}.png".encode() for i in range(count)],
+        }
+
+    batches = {f"data_batch_{i}": batch(per_batch, f"training batch {i} of 5") for i in range(1, 6)}
+    batches["test_batch"] = batch(test, "testing batch 1 of 1")
+    return batches
+
+
+def write_cifar_layout(root: Path, **kwargs: Any) -> Path:
+    """Write ``root/cifar-10-batches-py`` in the official python layout; returns ``root``."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in tiny_cifar_batches(**kwargs).items():
+        (folder / name).write_bytes(pickle.dumps(content, protocol=2))
+    meta = {b"label_names": [c.encode() for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def cifar_archive(**kwargs: Any) -> bytes:
+    """A ``cifar-10-python.tar.gz`` with the tiny batches, laid out like the official archive."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in tiny_cifar_batches(**kwargs).items():
+            data = pickle.dumps(content, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def write_job(folder: Path, toml: str, files: dict[str, str] | None = None) -> Path:
+    """A job folder with ``job.toml`` and the job's own Python modules."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.toml").write_text(textwrap.dedent(toml))
+    for name, code in (files or {}).items():
+        (folder / name).write_text(textwrap.dedent(code))
+    return folder
+
+
+def hello_job(folder: Path, data_root: Path, *, rounds: int = 1, extra: str = "") -> Path:
+    """The hello-pt job on test data."""
+    return write_job(
+        folder,
+        f"""
+        name = "hello-test"
+        [model]
+        path = "fedstream.examples.hello_pt.SimpleNetwork"
+        [server.workflow]
+        path = "fedstream.workflows.FedAvg"
+        [server.workflow.args]
+        num_rounds = {rounds}
+        min_clients = 1
+        [client.trainer]
+        path = "fedstream.examples.hello_pt.HelloPTTrainer"
+        [client.trainer.args]
+        epochs = 1
+        batch_size = 16
+        [client.trainer.args.data]
+        root = "{data_root}"
+        partition = "iid"
+        """
+        + textwrap.dedent(extra),
+    )
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m fedstream ARGS`` in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedstream", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
+
+
+def read_result(workspace: Path) -> dict[str, Any]:
+    return json.loads((workspace / "result.json").read_text())

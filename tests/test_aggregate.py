@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from fedstream.workflows.aggregate import MetricAverage, WeightedAverage
+
+
+def test_weighted_average_is_exact_for_uneven_counts() -> None:
+    average = WeightedAverage()
+    average.add({"w": np.full((2, 2), 1.0, np.float32), "n": np.array([10], np.int64)}, 1)
+    average.add({"w": np.full((2, 2), 2.0, np.float32), "n": np.array([20], np.int64)}, 3)
+    average.add({"w": np.full((2, 2), 4.0, np.float32), "n": np.array([31], np.int64)}, 4)
+    result = average.result()
+    # (1*1 + 3*2 + 4*4) / 8 = 23/8 = 2.875, exactly representable
+    assert result["w"].dtype == np.float32
+    np.testing.assert_array_equal(result["w"], np.full((2, 2), 2.875, np.float32))
+    # integer arrays are rounded: (10 + 60 + 124) / 8 = 24.25 -> 24
+    assert result["n"].dtype == np.int64 and result["n"].tolist() == [24]
+    assert average.total_weight == 8 and average.count == 3
+
+
+def test_weighted_average_accumulates_in_float64() -> None:
+    average = WeightedAverage()
+    big, small = np.array([1e8], np.float32), np.array([1.0], np.float32)
+    average.add({"x": big}, 1)
+    average.add({"x": small}, 1)
+    assert average.result()["x"][0] == np.float32((1e8 + 1.0) / 2)
+
+
+def test_weighted_average_rejects_mismatches() -> None:
+    average = WeightedAverage()
+    average.add({"a": np.zeros(3)}, 1)
+    with pytest.raises(ValueError, match=r"missing \['a'\], unexpected \['b'\]"):
+        average.add({"b": np.zeros(3)}, 1)
+    with pytest.raises(ValueError, match=r"'a' has shape \(4,\), expected \(3,\)"):
+        average.add({"a": np.zeros(4)}, 1)
+    with pytest.raises(ValueError, match="must be positive"):
+        average.add({"a": np.zeros(3)}, 0)
+    with pytest.raises(ValueError, match="no contributions"):
+        WeightedAverage().result()
+
+
+def test_metric_average_weights_each_key_by_who_reported_it() -> None:
+    metrics = MetricAverage()
+    metrics.add({"accuracy": 0.5, "loss": 2.0}, 100)
+    metrics.add({"accuracy": 1.0}, 300)
+    assert metrics.result() == {"accuracy": 0.875, "loss": 2.0}

@@ -1,0 +1,219 @@
+"""``fedstream simulate`` end to end, in real worker processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from fedstream.examples.hello_pt import SimpleNetwork
+from tests.helpers import REPO, hello_job, read_result, run_cli, write_job
+
+KNOWN = '''
+import os
+import time
+
+import torch
+
+from fedstream import Trainer, TrainOutput, ValidationOutput
+
+# site -> (value added to the global weights when training, number of samples)
+VALUES = {"site-1": (1.0, 1), "site-2": (2.0, 3), "site-3": (4.0, 4)}
+
+
+class Square(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, 2))
+
+
+class KnownTrainer(Trainer):
+    def __init__(self, *, fail: list[str] = [], hang: list[str] = [], crash: list[str] = []) -> None:
+        self.fail, self.hang, self.crash = fail, hang, crash
+
+    def train(self, task):
+        name = self.site.name
+        if name in self.fail:
+            raise RuntimeError(f"{name} cannot train")
+        if name in self.hang:
+            time.sleep(600)
+        if name in self.crash:
+            os.kill(os.getpid(), 9)
+        value, count = VALUES[name]
+        with torch.no_grad():
+            self.model.w.add_(value)
+        return TrainOutput(num_samples=count, metrics={"train_loss": value})
+
+    def validate(self, task):
+        value, count = VALUES[self.site.name]
+        return ValidationOutput(num_samples=count, metrics={"accuracy": float(self.model.w.mean()) * value})
+'''
+
+
+def known_job(tmp_path: Path, *, rounds: int = 1, min_clients: int = 2, trainer_args: str = "", workflow_args: str = "") -> Path:
+    return write_job(
+        tmp_path / "known",
+        f"""
+        name = "known"
+        [model]
+        path = "known.Square"
+        [server.workflow]
+        path = "fedstream.workflows.FedAvg"
+        [server.workflow.args]
+        num_rounds = {rounds}
+        min_clients = {min_clients}
+        wait_after_min_clients_s = 60.0
+        {workflow_args}
+        [client.trainer]
+        path = "known.KnownTrainer"
+        [client.trainer.args]
+        {trainer_args}
+        """,
+        {"known.py": KNOWN},
+    )
+
+
+def simulate(job: Path, ws: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    done = run_cli("simulate", str(job), "-w", str(ws), "-q", *args)
+    assert (ws / "result.json").is_file(), done.stdout + done.stderr
+    return done, read_result(ws)
+
+
+def global_weights(ws: Path, name: str = "global") -> torch.Tensor:
+    return torch.load(ws / "server" / "models" / f"{name}.pt")["w"]
+
+
+def test_fedavg_is_exact_with_uneven_sample_counts(tmp_path: Path) -> None:
+    done, result = simulate(known_job(tmp_path, rounds=2), tmp_path / "ws", "-n", "3", "-t", "3")
+    assert done.returncode == 0, done.stderr
+    # round 1: (1*1 + 3*2 + 4*4) / 8 = 2.875; round 2 trains from it: 2.875 + 2.875 = 5.75
+    assert torch.equal(global_weights(tmp_path / "ws"), torch.full((2, 2), 5.75))
+    first, second = result["rounds"]
+    assert first["num_samples"] == second["num_samples"] == 8
+    assert first["clients"] == ["site-1", "site-2", "site-3"]
+    # validation weighted by samples: global * (1*1 + 3*2 + 4*4) / 8
+    assert first["metrics"]["accuracy"] == 2.875 * 2.875
+    assert second["metrics"]["accuracy"] == 5.75 * 2.875
+    assert torch.equal(global_weights(tmp_path / "ws", "best"), torch.full((2, 2), 5.75))
+
+
+def test_a_failing_site_is_left_out_and_named(tmp_path: Path) -> None:
+    job = known_job(tmp_path, trainer_args='fail = ["site-3"]')
+    done, result = simulate(job, tmp_path / "ws", "-n", "3", "-t", "3")
+    assert done.returncode == 0, done.stderr
+    (round_,) = result["rounds"]
+    assert round_["clients"] == ["site-1", "site-2"]
+    assert round_["failed"] == {"site-3": "RuntimeError: site-3 cannot train"}
+    assert torch.equal(global_weights(tmp_path / "ws"), torch.full((2, 2), (1 * 1 + 3 * 2) / 4))
+    site_log = (tmp_path / "ws" / "site-3" / "log.txt").read_text()
+    assert "Traceback" in site_log and "RuntimeError: site-3 cannot train" in site_log
+
+
+def test_a_site_that_times_out_is_left_out(tmp_path: Path) -> None:
+    job = known_job(tmp_path, trainer_args='hang = ["site-3"]', workflow_args="task_timeout_s = 2.0")
+    began = time.monotonic()
+    done, result = simulate(job, tmp_path / "ws", "-n", "3", "-t", "3")
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - began < 60, "the hung site must not hold the job"
+    (round_,) = result["rounds"]
+    assert round_["failed"]["site-3"] == "timed out after 2 s"
+    assert round_["clients"] == ["site-1", "site-2"]
+    assert torch.equal(global_weights(tmp_path / "ws"), torch.full((2, 2), 1.75))
+
+
+def test_too_few_answers_fail_the_job_with_every_cause(tmp_path: Path) -> None:
+    job = known_job(tmp_path, trainer_args='fail = ["site-2"]\ncrash = ["site-3"]')
+    done, result = simulate(job, tmp_path / "ws", "-n", "3", "-t", "3")
+    assert done.returncode == 1
+    assert result["status"] == "failed"
+    error = result["error"]
+    assert "round 1: train: only 1 of 3 sites answered and min_clients is 2" in error
+    assert "site-2: RuntimeError: site-2 cannot train" in error
+    assert "site-3: its worker process exited unexpectedly (exit code -9)" in error
+    assert "failed" in done.stdout and "site-2" in done.stdout
+
+
+def test_twenty_clients_take_turns_on_two_workers(tmp_path: Path, tiny_cifar: Path) -> None:
+    job = hello_job(tmp_path / "job", tiny_cifar, extra="max_train_samples = 8\nmax_val_samples = 8\n")
+    done, result = simulate(job, tmp_path / "ws", "-n", "20", "-t", "2")
+    assert done.returncode == 0, done.stderr
+    assert len(result["rounds"][0]["clients"]) == 20
+    log = (tmp_path / "ws" / "log.txt").read_text()
+    workers = set(re.findall(r"worker \d+ \(pid (\d+)\) hosts", log))
+    assert len(workers) == 2
+    site_pids = {pid for site in range(1, 21) for pid in re.findall(r"site-\d+\[(\d+)\]", (tmp_path / "ws" / f"site-{site}" / "log.txt").read_text())}
+    assert site_pids == workers, "every site ran inside one of the two workers"
+
+
+def test_hello_pt_learns_and_leaves_a_complete_workspace(tmp_path: Path, tiny_cifar: Path) -> None:
+    job = hello_job(tmp_path / "job", tiny_cifar, rounds=3)
+    done = run_cli("simulate", str(job), "-w", str(tmp_path / "ws"), "-n", "3", "-t", "2",
+                   "--set", "client.trainer.args.epochs=3", "--set", "client.trainer.args.batch_size=8",
+                   "--set", "client.trainer.args.lr=0.02")
+    assert done.returncode == 0, done.stderr
+    ws = tmp_path / "ws"
+    result = read_result(ws)
+    assert result["status"] == "completed" and result["error"] is None
+    assert result["clients"] == ["site-1", "site-2", "site-3"]
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
+    for r in result["rounds"]:
+        assert set(r) >= {"round", "duration_s", "clients", "num_samples", "metrics"}
+        assert r["num_samples"] == 300 and r["duration_s"] > 0
+    assert result["rounds"][-1]["metrics"]["accuracy"] > 0.5, result["rounds"]  # chance is 0.1
+    assert result["timing"]["total_s"] >= result["timing"]["startup_s"] > 0
+    assert set(result["models"]) == {"global", "best"}
+    for path in result["models"].values():
+        model = SimpleNetwork()
+        model.load_state_dict(torch.load(path))
+    for path in [ws / "log.txt", ws / "server" / "log.txt", ws / "server" / "job.toml",
+                 *(ws / f"site-{i}" / "log.txt" for i in (1, 2, 3))]:
+        assert path.is_file(), path
+    assert "accuracy" in done.stdout and "result.json" in done.stdout
+
+
+def test_a_workspace_not_made_by_fedstream_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "thesis.tex").write_text("precious")
+    done = run_cli("simulate", str(known_job(tmp_path)), "-w", str(tmp_path / "ws"), "-n", "3")
+    assert done.returncode == 2 and "not made by fedstream" in done.stderr
+    assert (tmp_path / "ws" / "thesis.tex").read_text() == "precious"
+
+
+def test_rerun_in_the_same_workspace_replaces_the_previous_run(tmp_path: Path) -> None:
+    job = known_job(tmp_path)
+    simulate(job, tmp_path / "ws", "-n", "3", "-t", "3")
+    done, result = simulate(job, tmp_path / "ws", "-c", "site-1,site-2", "-t", "2")
+    assert done.returncode == 0
+    assert not (tmp_path / "ws" / "site-3").exists()
+    assert result["clients"] == ["site-1", "site-2"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT")
+def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
+    job = known_job(tmp_path, trainer_args='hang = ["site-1", "site-2"]')
+    ws = tmp_path / "ws"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedstream", "simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    log = ws / "log.txt"
+    while not (log.is_file() and log.read_text().count(") hosts site-") == 2):
+        assert time.monotonic() < deadline and process.poll() is None, "workers never started"
+        time.sleep(0.05)
+    workers = [int(pid) for pid in re.findall(r"\(pid (\d+)\) hosts", log.read_text())]
+    os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, out + err
+    result = read_result(ws)
+    assert result["status"] == "failed" and "interrupted" in result["error"]
+    for pid in workers:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"orphan {pid}"
