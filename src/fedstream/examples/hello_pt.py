@@ -77,13 +77,11 @@ class HelloPTTrainer(Trainer):
     def setup(self) -> None:
         self.data: SiteData = self.data_config.for_site(self.site.index, self.site.num_sites)
         self.model.to(self.device)
-        self.site.log.info(
-            "%d training and %d validation samples", len(self.data.train_indices), len(self.data.test_indices)
-        )
+        self.site.log.info("%d training and %d validation samples", len(self.data.train.labels), len(self.data.validation.labels))
 
     @property
     def steps_per_round(self) -> int:
-        return self.epochs * -(-len(self.data.train_indices) // self.batch_size)
+        return self.epochs * -(-len(self.data.train.labels) // self.batch_size)
 
     def train(self, task: TaskInfo) -> TrainOutput:
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
@@ -94,7 +92,7 @@ class HelloPTTrainer(Trainer):
         epoch_loss = 0.0
         for epoch in range(self.epochs):
             running_loss, seen = 0.0, 0
-            for x, y in batches(self.data.train, self.data.train_indices, self.batch_size, shuffle=rng):
+            for x, y in batches(self.data.train, self.batch_size, shuffle=rng):
                 optimizer.zero_grad()
                 cost = self.loss(self.model(x.to(self.device)), y.to(self.device))
                 cost.backward()
@@ -106,20 +104,20 @@ class HelloPTTrainer(Trainer):
                 step += 1
             epoch_loss = running_loss / max(seen, 1)
             self.on_epoch_end(task, epoch, step)
-        output = TrainOutput(num_samples=len(self.data.train_indices), metrics={"train_loss": epoch_loss})
+        output = TrainOutput(num_samples=len(self.data.train.labels), metrics={"train_loss": epoch_loss})
         self.on_train_end(task, output)
         return output
 
     def validate(self, task: TaskInfo) -> ValidationOutput:
         accuracy, loss = self.evaluate()
-        return ValidationOutput(num_samples=len(self.data.test_indices), metrics={"accuracy": accuracy, "loss": loss})
+        return ValidationOutput(num_samples=len(self.data.validation.labels), metrics={"accuracy": accuracy, "loss": loss})
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Accuracy and mean loss of the current model on the site's validation samples."""
         self.model.eval()
         correct, total, loss_sum = 0, 0, 0.0
-        for x, y in batches(self.data.test, self.data.test_indices, self.eval_batch_size):
+        for x, y in batches(self.data.validation, self.eval_batch_size):
             logits = self.model(x.to(self.device))
             y = y.to(self.device)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()

@@ -22,7 +22,7 @@ def partition(labels: np.ndarray, num_sites: int, scheme: Scheme, *, alpha: floa
     """The sample indices of every site, sorted; ``iid`` and ``dirichlet`` give each sample to exactly one site."""
     count = len(labels)
     if scheme == "full":
-        return [np.arange(count) for _ in range(num_sites)]
+        return [np.arange(count)] * num_sites  # one shared array
     rng = np.random.default_rng([seed, 1, count])
     if scheme == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(count), num_sites)]

@@ -39,33 +39,31 @@ class Cifar10Data(BaseModel):
     max_val_samples: int = Field(default=0, ge=0)
 
     def for_site(self, index: int, num_sites: int) -> SiteData:
-        """Site ``index``'s training and validation samples (validation comes from the test split)."""
-        train = cifar10.load(self.root, "train", download=self.download)
-        test = cifar10.load(self.root, "test", download=self.download)
+        """Site ``index``'s training samples and validation samples (validation comes from the test split)."""
 
-        def share(split: cifar10.Split, limit: int) -> np.ndarray:
-            parts = partition(split.labels, num_sites, self.partition, alpha=self.alpha, seed=self.seed)
-            return cap(parts[index], limit, seed=self.seed, site=index)
+        def share(split: str, limit: int) -> cifar10.Split:
+            data = cifar10.load(self.root, split, download=self.download)
+            parts = partition(data.labels, num_sites, self.partition, alpha=self.alpha, seed=self.seed)
+            return data.select(cap(parts[index], limit, seed=self.seed, site=index))
 
-        return SiteData(train, share(train, self.max_train_samples), test, share(test, self.max_val_samples))
+        return SiteData(share("train", self.max_train_samples), share("test", self.max_val_samples))
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """The splits and, for each, the indices that belong to this site."""
+    """The samples of one site: its training set and its validation set."""
 
     train: cifar10.Split
-    train_indices: np.ndarray
-    test: cifar10.Split
-    test_indices: np.ndarray
+    validation: cifar10.Split
 
 
 def batches(
-    split: cifar10.Split, indices: np.ndarray, batch_size: int, *, shuffle: np.random.Generator | None = None
+    split: cifar10.Split, batch_size: int, *, shuffle: np.random.Generator | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised ``(x, y)`` mini-batches: ``x = (pixels / 255 - 0.5) / 0.5`` as float32 ``(B, 3, 32, 32)``."""
-    order = shuffle.permutation(indices) if shuffle is not None else indices
-    for start in range(0, len(order), batch_size):
+    count = len(split.labels)
+    order = shuffle.permutation(count) if shuffle is not None else np.arange(count)
+    for start in range(0, count, batch_size):
         chosen = order[start : start + batch_size]
         pixels = torch.from_numpy(split.images[chosen])
         x = pixels.to(torch.float32).div_(127.5).sub_(1.0)

@@ -1,0 +1,88 @@
+"""Run a command and measure it: wall time, CPU time of its whole process tree, peak PSS summed over the tree."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    wall_s: float
+    cpu_s: float
+    peak_pss_mb: float
+    peak_processes: int
+    returncode: int
+
+
+def _tree_pss(root: psutil.Process) -> tuple[float, int]:
+    total, count = 0, 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+            count += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total / 2**20, count
+
+
+def measure(command: list[str], *, interval_s: float = 0.02, log: Path | None = None) -> Measurement:
+    """Run ``command`` to completion; PSS is sampled every ``interval_s`` seconds while it runs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = log.open("w") if log else subprocess.DEVNULL
+    began = time.perf_counter()
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    peak, peak_count = 0.0, 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak, peak_count
+        root = psutil.Process(process.pid)
+        while not stop.is_set():
+            try:
+                pss, count = _tree_pss(root)
+            except psutil.NoSuchProcess:
+                return
+            peak, peak_count = max(peak, pss), max(peak_count, count)
+            stop.wait(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    returncode = process.wait()
+    wall = time.perf_counter() - began
+    stop.set()
+    sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if log:
+        out.close()  # type: ignore[union-attr]
+    return Measurement(wall, cpu, peak, peak_count, returncode)
+
+
+def cifar_root(out: Path) -> Path:
+    """A CIFAR-10 python layout for benchmarks: ``$FEDSTREAM_CIFAR10`` or one made from ../shared/data."""
+    given = os.environ.get("FEDSTREAM_CIFAR10")
+    if given:
+        return Path(given)
+    root = out / "cifar10"
+    if not (root / "cifar-10-batches-py" / "test_batch").is_file():
+        tool = SHARED / "tools" / "cifar10-python-layout"
+        if not tool.is_file():
+            sys.exit(f"no CIFAR-10: set FEDSTREAM_CIFAR10 to a folder holding cifar-10-batches-py, or provide {tool}")
+        subprocess.run([sys.executable, str(tool), str(root)], check=True)
+    return root
+
+
+def fedstream(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedstream", *args]

@@ -1,0 +1,112 @@
+"""Site -> server event delivery: exactly once, in order, whatever the link loses or repeats."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from fedstream.events import Event, EventBus
+from fedstream.messages import EventBatch
+from fedstream.server.inbox import Inbox
+from fedstream.site.outbox import Forwarder, Outbox
+
+
+class FaultyLink:
+    """Carries batches from an outbox to an inbox and acknowledgements back, losing or repeating some."""
+
+    def __init__(self, inbox: Inbox, *, drop_batch: Callable[[int], bool], drop_ack: Callable[[int], bool],
+                 repeat: Callable[[int], bool]) -> None:
+        self.inbox, self.drop_batch, self.drop_ack, self.repeat = inbox, drop_batch, drop_ack, repeat
+        self.outbox: Outbox | None = None
+        self.sent = 0
+
+    def send(self, batch: EventBatch) -> None:
+        self.sent += 1
+        n = self.sent
+        if self.drop_batch(n):
+            return
+        for _ in range(2 if self.repeat(n) else 1):
+            seq = self.inbox.receive("site-1", batch)
+            if not self.drop_ack(n):
+                assert self.outbox is not None
+                self.outbox.acknowledge(seq)
+
+
+def pipeline(**faults: Callable[[int], bool]) -> tuple[Outbox, list[Event], FaultyLink, Inbox]:
+    server_bus = EventBus()
+    seen: list[Event] = []
+    server_bus.subscribe("fed.analytics", seen.append)
+    inbox = Inbox(server_bus)
+    no = lambda n: False  # noqa: E731
+    link = FaultyLink(inbox, drop_batch=faults.get("drop_batch", no), drop_ack=faults.get("drop_ack", no),
+                      repeat=faults.get("repeat", no))
+    outbox = Outbox("site-1", link.send, batch_size=7, max_delay_s=0.01, ack_timeout_s=0.05)
+    link.outbox = outbox
+    return outbox, seen, link, inbox
+
+
+def test_exactly_once_in_order_despite_losses_and_repeats() -> None:
+    outbox, seen, link, inbox = pipeline(
+        drop_batch=lambda n: n % 3 == 0, drop_ack=lambda n: n % 4 == 1, repeat=lambda n: n % 2 == 0
+    )
+    site_bus = EventBus()
+    Forwarder(site_bus, outbox, ["analytics"], "fed.")
+    for i in range(500):
+        site_bus.fire(Event("analytics", ["metric", "loss", float(i), i, 0.0]))
+    assert outbox.flush(timeout_s=30)
+    assert [event.data[3] for event in seen] == list(range(500))
+    assert all(event.site == "site-1" and event.name == "fed.analytics" for event in seen)
+    assert outbox.resends > 0 and inbox.duplicates["site-1"] > 0, "the faults really happened"
+    assert inbox.received["site-1"] == 500
+    outbox.close(timeout_s=5)
+
+
+def test_flush_reports_when_the_server_never_answers() -> None:
+    outbox, seen, link, _ = pipeline(drop_batch=lambda n: True)
+    outbox.put("fed.analytics", ["metric", "x", 1.0, 0, 0.0])
+    assert outbox.flush(timeout_s=0.3) is False
+    assert outbox.unacknowledged == 1 and seen == []
+    assert link.sent >= 2, "it kept resending"
+    assert outbox.close(timeout_s=0.1) is False
+
+
+def test_a_batch_after_a_gap_is_not_handled() -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe("e", seen.append)
+    inbox = Inbox(bus)
+    assert inbox.receive("a", EventBatch("a", 1, [("e", 1), ("e", 2)])) == 2
+    assert inbox.receive("a", EventBatch("a", 5, [("e", 5)])) == 2, "events 3-4 are missing: resume from 3"
+    assert inbox.receive("a", EventBatch("a", 2, [("e", 2), ("e", 3)])) == 3
+    assert inbox.receive("b", EventBatch("b", 1, [("e", "b1")])) == 1, "sites are numbered separately"
+    assert [e.data for e in seen] == [1, 2, 3, "b1"]
+    assert inbox.duplicates["a"] == 1
+
+
+def test_put_waits_for_room_instead_of_losing_events() -> None:
+    release = threading.Event()
+    server_bus = EventBus()
+    inbox = Inbox(server_bus)
+    outbox: Outbox
+
+    def slow_send(batch: EventBatch) -> None:
+        release.wait()
+        outbox.acknowledge(inbox.receive("s", batch))
+
+    outbox = Outbox("s", slow_send, batch_size=2, max_delay_s=0.01, ack_timeout_s=60, capacity=3)
+    done = threading.Event()
+
+    def producer() -> None:
+        for i in range(10):
+            outbox.put("e", i)
+        done.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    assert not done.wait(0.2), "the producer must wait while the queue is full"
+    release.set()
+    assert done.wait(10)
+    assert outbox.flush(10)
+    assert inbox.received["s"] == 10
+    thread.join()
+    outbox.close(5)
