@@ -26,22 +26,57 @@ RESULTS = REPO / "bench" / "results" / "core.md"
 
 
 def hello(ws: Path, data: Path, clients: int, *sets: str) -> list[str]:
-    args = ["simulate", str(REPO / "jobs" / "hello-pt"), "-w", str(ws), "-n", str(clients), "-t", "2", "-q",
-            "--set", f"client.trainer.args.data.root={data}"]
+    args = [
+        "simulate",
+        str(REPO / "jobs" / "hello-pt"),
+        "-w",
+        str(ws),
+        "-n",
+        str(clients),
+        "-t",
+        "2",
+        "-q",
+        "--set",
+        f"client.trainer.args.data.root={data}",
+    ]
     for item in sets:
         args += ["--set", item]
     return fedstream(*args)
 
 
 def scenarios(data: Path) -> dict[str, list[str]]:
-    tiny = ("server.workflow.args.num_rounds=1", "client.trainer.args.data.partition=full",
-            "client.trainer.args.data.max_train_samples=64", "client.trainer.args.data.max_val_samples=64")
+    tiny = (
+        "server.workflow.args.num_rounds=1",
+        "client.trainer.args.data.partition=full",
+        "client.trainer.args.data.max_train_samples=64",
+        "client.trainer.args.data.max_val_samples=64",
+    )
     return {
-        "b": [sys.executable, str(REPO / "bench" / "plain_pytorch.py"), str(data), "--processes", "2",
-              "--train", "5000", "--epochs", "2", "--batch-size", "4", "--lr", "0.001"],
-        "a": hello(OUT / "ws-a", data, 2, "server.workflow.args.num_rounds=2", "client.trainer.args.data.partition=full",
-                   "client.trainer.args.data.max_train_samples=5000", "client.trainer.args.batch_size=4",
-                   "client.trainer.args.lr=0.001"),
+        "b": [
+            sys.executable,
+            str(REPO / "bench" / "plain_pytorch.py"),
+            str(data),
+            "--processes",
+            "2",
+            "--train",
+            "5000",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.001",
+        ],
+        "a": hello(
+            OUT / "ws-a",
+            data,
+            2,
+            "server.workflow.args.num_rounds=2",
+            "client.trainer.args.data.partition=full",
+            "client.trainer.args.data.max_train_samples=5000",
+            "client.trainer.args.batch_size=4",
+            "client.trainer.args.lr=0.001",
+        ),
         "c": hello(OUT / "ws-c", data, 2, *tiny),
         "d": hello(OUT / "ws-d", data, 100, *tiny, "server.workflow.args.min_clients=2"),
     }
@@ -62,15 +97,22 @@ def main() -> None:
             if result.returncode:
                 sys.exit(f"({name}) failed with exit code {result.returncode}; see {OUT / f'{name}-{i}.log'}")
             runs[name].append(result)
-            print(f"({name}) run {i + 1}: {result.wall_s:.2f} s wall, {result.cpu_s:.2f} s CPU, "
-                  f"{result.peak_pss_mb:.0f} MB peak PSS, {result.peak_processes} processes", flush=True)
+            print(
+                f"({name}) run {i + 1}: {result.wall_s:.2f} s wall, {result.cpu_s:.2f} s CPU, "
+                f"{result.peak_pss_mb:.0f} MB peak PSS, {result.peak_processes} processes",
+                flush=True,
+            )
 
     def median(name: str, field: str) -> float:
         return statistics.median(getattr(m, field) for m in runs[name])
 
     ratio = statistics.median(a.wall_s / b.wall_s for a, b in zip(runs["a"], runs["b"], strict=True))
-    labels = {"a": "(a) hello-pt, 2 x 5,000 images, 2 rounds, bs 4", "b": "(b) plain PyTorch, same work",
-              "c": "(c) near-zero job, 2 clients", "d": "(d) 100 clients, -t 2, 64 images each"}
+    labels = {
+        "a": "(a) hello-pt, 2 x 5,000 images, 2 rounds, bs 4",
+        "b": "(b) plain PyTorch, same work",
+        "c": "(c) near-zero job, 2 clients",
+        "d": "(d) 100 clients, -t 2, 64 images each",
+    }
     lines = [
         "# Core runtime benchmark",
         "",
@@ -83,8 +125,10 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for name in "abcd":
-        lines.append(f"| {labels[name]} | {median(name, 'wall_s'):.2f} | {median(name, 'cpu_s'):.2f} | "
-                     f"{median(name, 'peak_pss_mb'):.0f} | {max(m.peak_processes for m in runs[name])} |")
+        lines.append(
+            f"| {labels[name]} | {median(name, 'wall_s'):.2f} | {median(name, 'cpu_s'):.2f} | "
+            f"{median(name, 'peak_pss_mb'):.0f} | {max(m.peak_processes for m in runs[name])} |"
+        )
     pss_ratio = median("d", "peak_pss_mb") / median("c", "peak_pss_mb")
     lines += [
         "",

@@ -41,8 +41,11 @@ def load(folder: Path, names: list[str], count: int = 0, seed: int = 0) -> Tenso
 def run(rank: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.processes))
     folder = Path(args.root) / "cifar-10-batches-py"
-    train = DataLoader(load(folder, [f"data_batch_{i}" for i in range(1, 6)], args.train, rank),
-                       batch_size=args.batch_size, shuffle=True)
+    train = DataLoader(
+        load(folder, [f"data_batch_{i}" for i in range(1, 6)], args.train, rank),
+        batch_size=args.batch_size,
+        shuffle=True,
+    )
     test = DataLoader(load(folder, ["test_batch"]), batch_size=500)
     torch.manual_seed(0)
     model = SimpleNetwork()

@@ -47,7 +47,23 @@ def write_cifar_layout(root: Path, **kwargs: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in tiny_cifar_batches(**kwargs).items():
         (folder / name).write_bytes(pickle.dumps(content, protocol=2))
-    meta = {b"label_names": [c.encode() for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]}
+    meta = {
+        b"label_names": [
+            c.encode()
+            for c in (
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            )
+        ]
+    }
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return root
 

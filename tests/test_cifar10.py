@@ -143,7 +143,7 @@ def test_site_data_and_normalised_batches(tmp_path: Path) -> None:
     assert len(site.train.labels) == 7 and len(site.validation.labels) == 5
     x, y = next(batches(site.train, 4, shuffle=np.random.default_rng(0)))
     assert x.shape == (4, 3, 32, 32) and x.dtype.is_floating_point and y.shape == (4,)
-    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
     pixels = site.validation.images[:1].astype(np.float32)
     first, _ = next(batches(site.validation, 1))
     np.testing.assert_allclose(first.numpy(), (pixels / 255 - 0.5) / 0.5, atol=1e-6)

@@ -30,7 +30,9 @@ partition = "iid"
 """
 
 
-def job_with(tmp_path: Path, replace: tuple[str, str] = ("", ""), append: str = "", files: dict[str, str] | None = None) -> Path:
+def job_with(
+    tmp_path: Path, replace: tuple[str, str] = ("", ""), append: str = "", files: dict[str, str] | None = None
+) -> Path:
     text = GOOD.replace(*replace) if replace[0] else GOOD
     return write_job(tmp_path / "job", text + textwrap.dedent(append), files)
 
@@ -44,24 +46,119 @@ def error_of(job: Path, overrides: tuple[str, ...] = (), sites: int = 2, threads
 
 CASES = [
     # (id, how to break the good config, expected key, expected words)
-    ("unknown-top-level-key", dict(replace=('name = "cfg"', 'name = "cfg"\ncolour = "red"')), "colour", "unknown key"),
-    ("unknown-workflow-arg", dict(replace=("num_rounds = 2", "num_round = 2")), "server.workflow.args.num_round", "unknown key"),
-    ("wrong-type", dict(replace=("num_rounds = 2", 'num_rounds = "2"')), "server.workflow.args.num_rounds", "valid integer"),
-    ("bool-is-not-int", dict(replace=("num_rounds = 2", "num_rounds = true")), "server.workflow.args.num_rounds", "valid integer"),
-    ("missing-trainer", dict(replace=('[client.trainer]\npath = "fedstream.examples.hello_pt.HelloPTTrainer"\n', "[client.trainer]\n")), "client.trainer.path", "missing required key"),
-    ("no-such-module", dict(replace=("fedstream.workflows.FedAvg", "fedstream.nowhere.FedAvg")), "server.workflow.path", "cannot import module 'fedstream.nowhere'"),
-    ("no-such-class", dict(replace=("fedstream.workflows.FedAvg", "fedstream.workflows.FedAvgg")), "server.workflow.path", "has no 'FedAvgg'"),
-    ("not-a-class", dict(replace=("fedstream.workflows.FedAvg", "fedstream.simulator.simulate.site_names")), "server.workflow.path", "not a class"),
-    ("not-a-workflow", dict(replace=("fedstream.workflows.FedAvg", "fedstream.examples.hello_pt.SimpleNetwork")), "server.workflow.path", "SimpleNetwork is not a fedstream.workflows.base.Workflow"),
-    ("bad-import-path", dict(replace=("fedstream.workflows.FedAvg", "FedAvg")), "server.workflow.path", "import path"),
-    ("constructor-rejects-value", dict(replace=("lr = 0.01", "lr = -1.0")), "client.trainer.args", "lr must be positive"),
-    ("bad-literal", dict(replace=('partition = "iid"', 'partition = "random"')), "client.trainer.args.data.partition", "'full', 'iid' or 'dirichlet'"),
-    ("unknown-nested-key", dict(replace=('partition = "iid"', "partitions = 3")), "client.trainer.args.data.partitions", "unknown key"),
-    ("fraction-out-of-range", dict(append="", replace=("min_clients = 2", "min_clients = 2\nclients_per_round = 1.5")), "server.workflow.args.clients_per_round", "(0, 1]"),
-    ("count-below-min", dict(replace=("min_clients = 2", "min_clients = 2\nclients_per_round = 1")), "server.workflow.args.clients_per_round", "cannot satisfy min_clients"),
-    ("bad-stop-condition", dict(replace=("min_clients = 2", 'min_clients = 2\nstop_condition = "accuracy is high"')), "server.workflow.args.stop_condition", "<metric> <op> <number>"),
-    ("negative-timeout", dict(replace=("min_clients = 2", "min_clients = 2\ntask_timeout_s = -1.0")), "server.workflow.args.task_timeout_s", "0 or more"),
-    ("bad-receiver-path", dict(append='[server.receivers.tb]\npath = "fedstream.nowhere.Receiver"\n'), "server.receivers.tb.path", "cannot import"),
+    (
+        "unknown-top-level-key",
+        dict(replace=('name = "cfg"', 'name = "cfg"\ncolour = "red"')),
+        "colour",
+        "unknown key",
+    ),
+    (
+        "unknown-workflow-arg",
+        dict(replace=("num_rounds = 2", "num_round = 2")),
+        "server.workflow.args.num_round",
+        "unknown key",
+    ),
+    (
+        "wrong-type",
+        dict(replace=("num_rounds = 2", 'num_rounds = "2"')),
+        "server.workflow.args.num_rounds",
+        "valid integer",
+    ),
+    (
+        "bool-is-not-int",
+        dict(replace=("num_rounds = 2", "num_rounds = true")),
+        "server.workflow.args.num_rounds",
+        "valid integer",
+    ),
+    (
+        "missing-trainer",
+        dict(
+            replace=(
+                '[client.trainer]\npath = "fedstream.examples.hello_pt.HelloPTTrainer"\n',
+                "[client.trainer]\n",
+            )
+        ),
+        "client.trainer.path",
+        "missing required key",
+    ),
+    (
+        "no-such-module",
+        dict(replace=("fedstream.workflows.FedAvg", "fedstream.nowhere.FedAvg")),
+        "server.workflow.path",
+        "cannot import module 'fedstream.nowhere'",
+    ),
+    (
+        "no-such-class",
+        dict(replace=("fedstream.workflows.FedAvg", "fedstream.workflows.FedAvgg")),
+        "server.workflow.path",
+        "has no 'FedAvgg'",
+    ),
+    (
+        "not-a-class",
+        dict(replace=("fedstream.workflows.FedAvg", "fedstream.simulator.simulate.site_names")),
+        "server.workflow.path",
+        "not a class",
+    ),
+    (
+        "not-a-workflow",
+        dict(replace=("fedstream.workflows.FedAvg", "fedstream.examples.hello_pt.SimpleNetwork")),
+        "server.workflow.path",
+        "SimpleNetwork is not a fedstream.workflows.base.Workflow",
+    ),
+    (
+        "bad-import-path",
+        dict(replace=("fedstream.workflows.FedAvg", "FedAvg")),
+        "server.workflow.path",
+        "import path",
+    ),
+    (
+        "constructor-rejects-value",
+        dict(replace=("lr = 0.01", "lr = -1.0")),
+        "client.trainer.args",
+        "lr must be positive",
+    ),
+    (
+        "bad-literal",
+        dict(replace=('partition = "iid"', 'partition = "random"')),
+        "client.trainer.args.data.partition",
+        "'full', 'iid' or 'dirichlet'",
+    ),
+    (
+        "unknown-nested-key",
+        dict(replace=('partition = "iid"', "partitions = 3")),
+        "client.trainer.args.data.partitions",
+        "unknown key",
+    ),
+    (
+        "fraction-out-of-range",
+        dict(append="", replace=("min_clients = 2", "min_clients = 2\nclients_per_round = 1.5")),
+        "server.workflow.args.clients_per_round",
+        "(0, 1]",
+    ),
+    (
+        "count-below-min",
+        dict(replace=("min_clients = 2", "min_clients = 2\nclients_per_round = 1")),
+        "server.workflow.args.clients_per_round",
+        "cannot satisfy min_clients",
+    ),
+    (
+        "bad-stop-condition",
+        dict(replace=("min_clients = 2", 'min_clients = 2\nstop_condition = "accuracy is high"')),
+        "server.workflow.args.stop_condition",
+        "<metric> <op> <number>",
+    ),
+    (
+        "negative-timeout",
+        dict(replace=("min_clients = 2", "min_clients = 2\ntask_timeout_s = -1.0")),
+        "server.workflow.args.task_timeout_s",
+        "0 or more",
+    ),
+    (
+        "bad-receiver-path",
+        dict(append='[server.receivers.tb]\npath = "fedstream.nowhere.Receiver"\n'),
+        "server.receivers.tb.path",
+        "cannot import",
+    ),
 ]
 
 
@@ -107,7 +204,7 @@ def test_toml_syntax_error_and_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such job folder"):
         load_job(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="has no job.toml"):
+    with pytest.raises(ConfigError, match=r"has no job\.toml"):
         load_job(tmp_path / "empty")
 
 
@@ -123,8 +220,15 @@ def test_client_names_are_checked() -> None:
 
 
 def test_overrides_are_typed_values(tmp_path: Path) -> None:
-    job = load_job(job_with(tmp_path), ("server.workflow.args.num_rounds=7", "client.trainer.args.data.root=/data/x",
-                                         "client.trainer.args.lr=0.5", 'server.workflow.args.stop_condition="loss < 1"'))
+    job = load_job(
+        job_with(tmp_path),
+        (
+            "server.workflow.args.num_rounds=7",
+            "client.trainer.args.data.root=/data/x",
+            "client.trainer.args.lr=0.5",
+            'server.workflow.args.stop_condition="loss < 1"',
+        ),
+    )
     args = job.to_dict()
     assert args["server"]["workflow"]["args"]["num_rounds"] == 7
     assert args["server"]["workflow"]["args"]["stop_condition"] == "loss < 1"
@@ -140,14 +244,19 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     copy = write_job(tmp_path / "copy", shown.stdout)
     again = run_cli("job", "show", str(copy))
     assert again.stdout == shown.stdout
-    assert load_job(copy).to_dict() == load_job(REPO / "jobs" / "hello-pt", ("server.workflow.args.num_rounds=4",)).to_dict()
+    assert (
+        load_job(copy).to_dict()
+        == load_job(REPO / "jobs" / "hello-pt", ("server.workflow.args.num_rounds=4",)).to_dict()
+    )
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
     job = job_with(tmp_path, replace=("num_rounds = 2", "num_rounds = 0"))
     done = run_cli("simulate", str(job), "-w", str(tmp_path / "ws"), "-n", "2")
     assert done.returncode == 2
-    assert f"{job / 'job.toml'}: server.workflow.args.num_rounds: must be at least 1, got 0" in " ".join(done.stderr.split())
+    assert f"{job / 'job.toml'}: server.workflow.args.num_rounds: must be at least 1, got 0" in " ".join(
+        done.stderr.split()
+    )
     assert not (tmp_path / "ws").exists(), "nothing is written before the config is valid"
 
 
@@ -155,7 +264,15 @@ def test_job_imports_its_own_modules(tmp_path: Path) -> None:
     job = job_with(
         tmp_path,
         replace=("fedstream.examples.hello_pt.SimpleNetwork", "my_net.Net"),
-        files={"my_net.py": "import torch\nclass Net(torch.nn.Linear):\n    def __init__(self, width: int = 3):\n        super().__init__(width, 2)\n"},
+        files={
+            "my_net.py": """
+            import torch
+
+            class Net(torch.nn.Linear):
+                def __init__(self, width: int = 3):
+                    super().__init__(width, 2)
+            """
+        },
     )
     loaded = load_job(job, ("model.args.width=5",))
     assert loaded.component("model").cls.__name__ == "Net"

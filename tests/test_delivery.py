@@ -14,8 +14,14 @@ from fedstream.site.outbox import Forwarder, Outbox
 class FaultyLink:
     """Carries batches from an outbox to an inbox and acknowledgements back, losing or repeating some."""
 
-    def __init__(self, inbox: Inbox, *, drop_batch: Callable[[int], bool], drop_ack: Callable[[int], bool],
-                 repeat: Callable[[int], bool]) -> None:
+    def __init__(
+        self,
+        inbox: Inbox,
+        *,
+        drop_batch: Callable[[int], bool],
+        drop_ack: Callable[[int], bool],
+        repeat: Callable[[int], bool],
+    ) -> None:
         self.inbox, self.drop_batch, self.drop_ack, self.repeat = inbox, drop_batch, drop_ack, repeat
         self.outbox: Outbox | None = None
         self.sent = 0
@@ -38,15 +44,19 @@ def pipeline(**faults: Callable[[int], bool]) -> tuple[Outbox, list[Event], Faul
     server_bus.subscribe("fed.analytics", seen.append)
     inbox = Inbox(server_bus)
     no = lambda n: False  # noqa: E731
-    link = FaultyLink(inbox, drop_batch=faults.get("drop_batch", no), drop_ack=faults.get("drop_ack", no),
-                      repeat=faults.get("repeat", no))
+    link = FaultyLink(
+        inbox,
+        drop_batch=faults.get("drop_batch", no),
+        drop_ack=faults.get("drop_ack", no),
+        repeat=faults.get("repeat", no),
+    )
     outbox = Outbox("site-1", link.send, batch_size=7, max_delay_s=0.01, ack_timeout_s=0.05)
     link.outbox = outbox
     return outbox, seen, link, inbox
 
 
 def test_exactly_once_in_order_despite_losses_and_repeats() -> None:
-    outbox, seen, link, inbox = pipeline(
+    outbox, seen, _, inbox = pipeline(
         drop_batch=lambda n: n % 3 == 0, drop_ack=lambda n: n % 4 == 1, repeat=lambda n: n % 2 == 0
     )
     site_bus = EventBus()

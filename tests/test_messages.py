@@ -35,7 +35,9 @@ def test_result_event_batch_ack_and_shutdown_round_trip() -> None:
     assert back.num_samples == 128 and back.metrics["accuracy"] == 0.5 and np.isnan(back.metrics["loss"])
     failed = decode(encode(Result("t9", "site-2", error="ValueError: boom")))
     assert isinstance(failed, Result) and failed.error == "ValueError: boom" and failed.weights == {}
-    batch = EventBatch("site-1", 41, [("fed.analytics", ["metric", "loss", 0.25, 3, 1700000000.5]), ("fed.x", {"k": 1})])
+    batch = EventBatch(
+        "site-1", 41, [("fed.analytics", ["metric", "loss", 0.25, 3, 1700000000.5]), ("fed.x", {"k": 1})]
+    )
     assert decode(encode(batch)) == batch
     assert decode(encode(EventAck("site-1", 42))) == EventAck("site-1", 42)
     assert decode(encode(Shutdown("done"))) == Shutdown("done")

@@ -17,7 +17,7 @@ import torch
 from fedstream.examples.hello_pt import SimpleNetwork
 from tests.helpers import REPO, hello_job, read_result, run_cli, write_job
 
-KNOWN = '''
+KNOWN = """
 import os
 import time
 
@@ -55,10 +55,12 @@ class KnownTrainer(Trainer):
     def validate(self, task):
         value, count = VALUES[self.site.name]
         return ValidationOutput(num_samples=count, metrics={"accuracy": float(self.model.w.mean()) * value})
-'''
+"""
 
 
-def known_job(tmp_path: Path, *, rounds: int = 1, min_clients: int = 2, trainer_args: str = "", workflow_args: str = "") -> Path:
+def known_job(
+    tmp_path: Path, *, rounds: int = 1, min_clients: int = 2, trainer_args: str = "", workflow_args: str = ""
+) -> Path:
     return write_job(
         tmp_path / "known",
         f"""
@@ -149,15 +151,32 @@ def test_twenty_clients_take_turns_on_two_workers(tmp_path: Path, tiny_cifar: Pa
     log = (tmp_path / "ws" / "log.txt").read_text()
     workers = set(re.findall(r"worker \d+ \(pid (\d+)\) hosts", log))
     assert len(workers) == 2
-    site_pids = {pid for site in range(1, 21) for pid in re.findall(r"site-\d+\[(\d+)\]", (tmp_path / "ws" / f"site-{site}" / "log.txt").read_text())}
+    site_pids = {
+        pid
+        for site in range(1, 21)
+        for pid in re.findall(r"site-\d+\[(\d+)\]", (tmp_path / "ws" / f"site-{site}" / "log.txt").read_text())
+    }
     assert site_pids == workers, "every site ran inside one of the two workers"
 
 
 def test_hello_pt_learns_and_leaves_a_complete_workspace(tmp_path: Path, tiny_cifar: Path) -> None:
     job = hello_job(tmp_path / "job", tiny_cifar, rounds=3)
-    done = run_cli("simulate", str(job), "-w", str(tmp_path / "ws"), "-n", "3", "-t", "2",
-                   "--set", "client.trainer.args.epochs=3", "--set", "client.trainer.args.batch_size=8",
-                   "--set", "client.trainer.args.lr=0.02")
+    done = run_cli(
+        "simulate",
+        str(job),
+        "-w",
+        str(tmp_path / "ws"),
+        "-n",
+        "3",
+        "-t",
+        "2",
+        "--set",
+        "client.trainer.args.epochs=3",
+        "--set",
+        "client.trainer.args.batch_size=8",
+        "--set",
+        "client.trainer.args.lr=0.02",
+    )
     assert done.returncode == 0, done.stderr
     ws = tmp_path / "ws"
     result = read_result(ws)
@@ -173,8 +192,12 @@ def test_hello_pt_learns_and_leaves_a_complete_workspace(tmp_path: Path, tiny_ci
     for path in result["models"].values():
         model = SimpleNetwork()
         model.load_state_dict(torch.load(path))
-    for path in [ws / "log.txt", ws / "server" / "log.txt", ws / "server" / "job.toml",
-                 *(ws / f"site-{i}" / "log.txt" for i in (1, 2, 3))]:
+    for path in [
+        ws / "log.txt",
+        ws / "server" / "log.txt",
+        ws / "server" / "job.toml",
+        *(ws / f"site-{i}" / "log.txt" for i in (1, 2, 3)),
+    ]:
         assert path.is_file(), path
     assert "accuracy" in done.stdout and "result.json" in done.stdout
 
@@ -202,7 +225,11 @@ def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     process = subprocess.Popen(
         [sys.executable, "-m", "fedstream", "simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     log = ws / "log.txt"

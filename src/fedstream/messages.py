@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import safetensors.numpy
@@ -73,7 +73,7 @@ class Shutdown:
     reason: str = ""
 
 
-Message = Union[Task, Result, EventBatch, EventAck, Shutdown]
+Message = Task | Result | EventBatch | EventAck | Shutdown
 
 _HEADER = struct.Struct("<I")
 
@@ -102,7 +102,12 @@ def encode(message: Message) -> bytes:
         }
         weights = message.weights
     elif isinstance(message, EventBatch):
-        header = {"type": "events", "site": message.site, "first_seq": message.first_seq, "events": message.events}
+        header = {
+            "type": "events",
+            "site": message.site,
+            "first_seq": message.first_seq,
+            "events": message.events,
+        }
     elif isinstance(message, EventAck):
         header = {"type": "ack", "site": message.site, "seq": message.seq}
     elif isinstance(message, Shutdown):

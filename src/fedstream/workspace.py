@@ -46,7 +46,7 @@ class Workspace:
         return self.root / name
 
     @classmethod
-    def prepare(cls, root: str | Path, sites: Sequence[str]) -> Workspace:
+    def prepare(cls, root: str | os.PathLike[str], sites: Sequence[str]) -> Workspace:
         """Create (or clean and reuse) the workspace folder for a run with ``sites``."""
         folder = Path(root).expanduser().resolve()
         marker = folder / MARKER

@@ -29,9 +29,17 @@ def _parser() -> argparse.ArgumentParser:
     who = sim.add_mutually_exclusive_group()
     who.add_argument("-n", "--clients", type=int, help="number of clients, named site-1..site-N (default 2)")
     who.add_argument("-c", "--client-names", help="comma-separated client names")
-    sim.add_argument("-t", "--threads", type=int, default=None, help="clients training at once (default: all, at most 2)")
-    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a job config value by its dotted key, e.g. server.workflow.args.num_rounds=5")
+    sim.add_argument(
+        "-t", "--threads", type=int, default=None, help="clients training at once (default: all, at most 2)"
+    )
+    sim.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job config value by its dotted key, e.g. server.workflow.args.num_rounds=5",
+    )
     loud = sim.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", action="store_true", help="print only the outcome")
     loud.add_argument("-v", "--verbose", action="store_true", help="print log records instead of the live progress")
@@ -46,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from fedstream.cli.progress import LiveProgress, print_summary
-    from fedstream.simulator.simulate import site_names, simulate
+    from fedstream.simulator.simulate import simulate, site_names
 
     job = load_job(args.job, args.overrides)
     names = args.client_names.split(",") if args.client_names else None

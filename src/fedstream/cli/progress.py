@@ -72,13 +72,17 @@ class LiveProgress:
 
     def _render(self) -> Group:
         now = time.monotonic()
-        lines = [Text.assemble(("fedstream ", "bold"), f"round {self.round}/{self.num_rounds or '?'}  ",
-                               (f"{now - self.began:.0f} s", "dim"))]
+        lines = [
+            Text.assemble(
+                ("fedstream ", "bold"),
+                f"round {self.round}/{self.num_rounds or '?'}  ",
+                (f"{now - self.began:.0f} s", "dim"),
+            )
+        ]
         for name, phase in self.phases.items():
+            done, total = phase["done"], phase["total"]
             failed = f", [red]{phase['failed']} failed[/]" if phase["failed"] else ""
-            lines.append(Text.from_markup(
-                f"  {name:<9}[cyan]{_bar(phase['done'], phase['total'])}[/] {phase['done']}/{phase['total']} sites{failed}"
-            ))
+            lines.append(Text.from_markup(f"  {name:<9}[cyan]{_bar(done, total)}[/] {done}/{total} sites{failed}"))
         for site, (task, since) in sorted(self.running.items())[:8]:
             lines.append(Text(f"    {site}: {task}ing… {now - since:.1f} s", style="dim"))
         if len(self.running) > 8:
@@ -114,7 +118,9 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
         if isinstance(info, dict) and info.get("view"):
             console.print(f"{name:<11} {info['view']}")
         if isinstance(info, dict) and (info.get("errors") or info.get("dropped")):
-            console.print(f"[red]{name}: {info.get('dropped', 0)} records dropped; {'; '.join(info.get('errors', []))}[/]")
+            console.print(
+                f"[red]{name}: {info.get('dropped', 0)} records dropped; {'; '.join(info.get('errors', []))}[/]"
+            )
     timing = result["timing"]
     if result["status"] == "completed":
         console.print(f"[green]completed[/] in {timing['total_s']:.1f} s (start-up {timing['startup_s']:.1f} s)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -36,11 +35,10 @@ def import_object(path: str, key: str) -> Any:
 
 def args_model(cls: type) -> type[BaseModel]:
     """A pydantic model of ``cls``'s constructor arguments (extra keys allowed only if it takes ``**kwargs``)."""
-    signature = inspect.signature(cls)
     try:
-        hints = typing.get_type_hints(cls.__init__)
-    except (NameError, TypeError):
-        hints = {}
+        signature = inspect.signature(cls, eval_str=True)
+    except NameError:  # an annotation names something undefined: check the argument names only
+        signature = inspect.signature(cls)
     fields: dict[str, Any] = {}
     extra = "forbid"
     for name, param in signature.parameters.items():
@@ -50,7 +48,8 @@ def args_model(cls: type) -> type[BaseModel]:
         if param.kind is param.VAR_POSITIONAL:
             continue
         default = ... if param.default is param.empty else param.default
-        fields[name] = (hints.get(name, Any), default)
+        annotation = Any if param.annotation is param.empty or isinstance(param.annotation, str) else param.annotation
+        fields[name] = (annotation, default)
     config = ConfigDict(extra=extra, strict=True, arbitrary_types_allowed=True)  # type: ignore[typeddict-item]
     return create_model(f"{cls.__name__}Args", __config__=config, **fields)
 

@@ -108,7 +108,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
-                raise ConfigError(f"{where!r} is a {type(child).__name__}, not a table", file="--set", key=".".join(parts))
+                raise ConfigError(
+                    f"{where!r} is a {type(child).__name__}, not a table", file="--set", key=".".join(parts)
+                )
             node = child
         node[parts[-1]] = value
         keys.add(".".join(parts))
@@ -162,7 +164,9 @@ def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, s
     overridden = apply_overrides(data, overrides)
 
     def where(error: ConfigError) -> ConfigError:
-        by_override = any(error.key == k or error.key.startswith(k + ".") or k.startswith(error.key + ".") for k in overridden)
+        by_override = any(
+            error.key == k or error.key.startswith(k + ".") or k.startswith(error.key + ".") for k in overridden
+        )
         return error.located(file=f"{source} (--set)" if by_override else source)
 
     try:

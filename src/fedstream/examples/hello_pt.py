@@ -58,8 +58,9 @@ class HelloPTTrainer(Trainer):
         device: str = "cpu",
         data: Cifar10Data = Cifar10Data(),  # noqa: B008 - immutable settings
     ) -> None:
-        if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"epochs, batch_size and eval_batch_size must be at least 1, got {epochs}, {batch_size}, {eval_batch_size}")
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if device not in ("cpu", "cuda", "auto"):
@@ -77,7 +78,11 @@ class HelloPTTrainer(Trainer):
     def setup(self) -> None:
         self.data: SiteData = self.data_config.for_site(self.site.index, self.site.num_sites)
         self.model.to(self.device)
-        self.site.log.info("%d training and %d validation samples", len(self.data.train.labels), len(self.data.validation.labels))
+        self.site.log.info(
+            "%d training and %d validation samples",
+            len(self.data.train.labels),
+            len(self.data.validation.labels),
+        )
 
     @property
     def steps_per_round(self) -> int:
@@ -110,7 +115,9 @@ class HelloPTTrainer(Trainer):
 
     def validate(self, task: TaskInfo) -> ValidationOutput:
         accuracy, loss = self.evaluate()
-        return ValidationOutput(num_samples=len(self.data.validation.labels), metrics={"accuracy": accuracy, "loss": loss})
+        return ValidationOutput(
+            num_samples=len(self.data.validation.labels), metrics={"accuracy": accuracy, "loss": loss}
+        )
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:

@@ -98,7 +98,9 @@ def _download(root: Path, url: str, md5: str) -> None:
     actual = md5sum(partial)
     if actual != md5:
         partial.unlink()
-        raise DataError(f"{url}: the download has md5 {actual}, expected {md5}; it is corrupt or not the official archive")
+        raise DataError(
+            f"{url}: the download has md5 {actual}, expected {md5}; it is corrupt or not the official archive"
+        )
     os.replace(partial, archive)
     with tarfile.open(archive) as tar:
         if sys.version_info >= (3, 12) or hasattr(tarfile, "data_filter"):
@@ -130,7 +132,11 @@ def _stamp(root: Path, split: str) -> str:
 def _cached(root: Path, split: str) -> Split:
     """The split as memory-mapped ``.npy`` files, (re)built when the source batches changed."""
     cache = root / CACHE
-    images, labels, stamp = (cache / f"{split}_images.npy", cache / f"{split}_labels.npy", cache / f"{split}.stamp")
+    images, labels, stamp = (
+        cache / f"{split}_images.npy",
+        cache / f"{split}_labels.npy",
+        cache / f"{split}.stamp",
+    )
     expected = _stamp(root, split)
     if not (stamp.is_file() and stamp.read_text() == expected):
         parts = [_read_batch(root / BATCHES / name) for name in FILES[split]]

@@ -18,7 +18,9 @@ def dirichlet_proportions(num_classes: int, num_sites: int, alpha: float, seed: 
     return np.random.default_rng([seed, 0]).dirichlet([alpha] * num_sites, size=num_classes)
 
 
-def partition(labels: np.ndarray, num_sites: int, scheme: Scheme, *, alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+def partition(
+    labels: np.ndarray, num_sites: int, scheme: Scheme, *, alpha: float = 0.5, seed: int = 0
+) -> list[np.ndarray]:
     """The sample indices of every site, sorted; ``iid`` and ``dirichlet`` give each sample to exactly one site."""
     count = len(labels)
     if scheme == "full":

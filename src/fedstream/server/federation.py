@@ -79,12 +79,22 @@ class Federation:
 
     def result_received(self, site: str, result: Result) -> None:
         if result.site != site:
-            log.warning("a result claiming to be from %r arrived on %r's link; treating it as %r's", result.site, site, site)
+            log.warning(
+                "a result claiming to be from %r arrived on %r's link; treating it as %r's",
+                result.site,
+                site,
+                site,
+            )
         self._inbound.put(("result", result.task_id, result, time.monotonic()))
 
     def events_received(self, site: str, batch: EventBatch) -> int:
         if batch.site != site:
-            log.warning("events claiming to be from %r arrived on %r's link; stamping them as %r's", batch.site, site, site)
+            log.warning(
+                "events claiming to be from %r arrived on %r's link; stamping them as %r's",
+                batch.site,
+                site,
+                site,
+            )
         return self.inbox.receive(site, batch)
 
     # -- used by workflows ----------------------------------------------------------------------------
@@ -96,7 +106,14 @@ class Federation:
             raise RuntimeError("Federation.dispatch before connect()")
         tasks = {}
         for site in sites:
-            task = Task(id=f"t{next(self._ids)}", site=site, name=name, round=round, num_rounds=num_rounds, weights=weights)
+            task = Task(
+                id=f"t{next(self._ids)}",
+                site=site,
+                name=name,
+                round=round,
+                num_rounds=num_rounds,
+                weights=weights,
+            )
             tasks[task.id] = task
         dispatch = Dispatch(self, tasks, timeout_s)
         self.bus.fire(Event(TASKS_SENT, TasksSent(name, round, tuple(sites))))
@@ -174,7 +191,16 @@ class Dispatch:
                 self.pending.discard(task_id)
                 self._federation._cancel({task_id})
                 task = self._tasks[task_id]
-                return self._done(Reply(task.site, task.name, task.round, None, f"timed out after {self._timeout_s:g} s", now - began))
+                return self._done(
+                    Reply(
+                        task.site,
+                        task.name,
+                        task.round,
+                        None,
+                        f"timed out after {self._timeout_s:g} s",
+                        now - began,
+                    )
+                )
         return None
 
     def _until_next_deadline(self, now: float) -> float | None:

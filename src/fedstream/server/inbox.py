@@ -33,7 +33,12 @@ class Inbox:
             handled = self._handled[site]
             skip = handled + 1 - batch.first_seq
             if skip < 0:
-                log.warning("%s: events from #%d arrived before #%d; asking for a resend", site, batch.first_seq, handled + 1)
+                log.warning(
+                    "%s: events from #%d arrived before #%d; asking for a resend",
+                    site,
+                    batch.first_seq,
+                    handled + 1,
+                )
                 return handled
             fresh = batch.events[skip:]
             self.duplicates[site] += min(skip, len(batch.events))

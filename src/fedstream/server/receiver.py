@@ -52,14 +52,14 @@ class Receiver(ABC):
 
     events: list[str]
 
-    def start(self, job: JobInfo) -> None:
+    def start(self, job: JobInfo) -> None:  # noqa: B027 - optional hook
         """Prepare to receive (connect, create runs, open files)."""
 
     @abstractmethod
     def handle(self, event: Event) -> None:
         """Take one event."""
 
-    def stop(self, outcome: JobOutcome) -> None:
+    def stop(self, outcome: JobOutcome) -> None:  # noqa: B027 - optional hook
         """Write everything still buffered and release resources."""
 
     @abstractmethod

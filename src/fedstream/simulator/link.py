@@ -9,6 +9,7 @@ tasks come back as failures naming its exit code.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -80,8 +81,11 @@ class SimulatorLink:
         self._placement: dict[str, _Worker] = {}
         for spec in specs:
             ours, theirs = context.Pipe()
-            process = context.Process(
-                target=worker.main, args=(spec.to_json(), theirs), name=f"fedstream-worker-{spec.index}", daemon=True
+            process = context.Process(  # type: ignore[attr-defined]
+                target=worker.main,
+                args=(spec.to_json(), theirs),
+                name=f"fedstream-worker-{spec.index}",
+                daemon=True,
             )
             process.start()
             theirs.close()
@@ -98,7 +102,9 @@ class SimulatorLink:
         """Start delivering what the workers send to ``endpoint``."""
         self._endpoint = endpoint
         for handle in self._workers:
-            handle.reader = threading.Thread(target=self._read, args=(handle,), name=f"worker-{handle.index}-reader", daemon=True)
+            handle.reader = threading.Thread(
+                target=self._read, args=(handle,), name=f"worker-{handle.index}-reader", daemon=True
+            )
             handle.reader.start()
 
     # -- ServerLink ------------------------------------------------------------------------------------
@@ -122,14 +128,16 @@ class SimulatorLink:
         Each worker's reader thread delivers what the worker still sends, then reaps it when its pipe closes.
         """
         for handle in self._workers:
-            try:
+            with contextlib.suppress(OSError):  # an already dead worker is reaped below
                 handle.send(encode(Shutdown("job finished")))
-            except OSError:
-                pass
         deadline = time.monotonic() + timeout_s
         for handle in self._workers:
             if handle.abandoned:
-                log.warning("worker %d still runs a task that timed out (%s); stopping it", handle.index, handle.running)
+                log.warning(
+                    "worker %d still runs a task that timed out (%s); stopping it",
+                    handle.index,
+                    handle.running,
+                )
                 self._kill(handle)
             if handle.reader is not None:
                 handle.reader.join(max(0.0, deadline - time.monotonic()))
@@ -184,7 +192,11 @@ class SimulatorLink:
                 self._on_result(handle, message)
             elif isinstance(message, EventBatch):
                 if message.site not in handle.sites:
-                    log.error("worker %d sent events for %r, which it does not host; dropped", handle.index, message.site)
+                    log.error(
+                        "worker %d sent events for %r, which it does not host; dropped",
+                        handle.index,
+                        message.site,
+                    )
                     continue
                 seq = endpoint.events_received(message.site, message)
                 try:
@@ -198,7 +210,11 @@ class SimulatorLink:
         with self._lock:
             running = handle.running
             if running is None or running.id != result.task_id:
-                log.error("worker %d answered task %s, which it was not running; dropped", handle.index, result.task_id)
+                log.error(
+                    "worker %d answered task %s, which it was not running; dropped",
+                    handle.index,
+                    result.task_id,
+                )
                 return
             handle.running = None
             handle.abandoned = False

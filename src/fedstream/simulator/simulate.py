@@ -57,7 +57,10 @@ def site_names(count: int | None = None, names: Sequence[str] | None = None) -> 
         chosen = [name.strip() for name in names]
         for name in chosen:
             if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name in RESERVED_SITE_NAMES:
-                raise ConfigError(f"bad client name {name!r}: use letters, digits, '-', '_', '.', and not 'server'", key="-c")
+                raise ConfigError(
+                    f"bad client name {name!r}: use letters, digits, '-', '_', '.', and not 'server'",
+                    key="-c",
+                )
         duplicates = sorted({name for name in chosen if chosen.count(name) > 1})
         if duplicates:
             raise ConfigError(f"client names must be unique; repeated: {', '.join(duplicates)}", key="-c")
@@ -199,7 +202,7 @@ def simulate(
         if status == "completed":
             exit_code = EXIT_TRACKING_INCOMPLETE
 
-    data = {
+    data: dict[str, Any] = {
         "job": job.name,
         "job_id": job_id,
         "status": status,
@@ -210,8 +213,11 @@ def simulate(
         "models": {name: str(path) for name, path in models.items()},
         "timing": {"total_s": round(time.monotonic() - began, 3), "startup_s": round(startup_s, 3)},
         "tracking": tracking,
-        "logs": {"combined": str(ws.log), "server": str(ws.server / logs.LOG_FILE),
-                 **{site: str(ws.site(site) / logs.LOG_FILE) for site in sites}},
+        "logs": {
+            "combined": str(ws.log),
+            "server": str(ws.server / logs.LOG_FILE),
+            **{site: str(ws.site(site) / logs.LOG_FILE) for site in sites},
+        },
     }
     ws.write_result(data)
     bus.fire(Event(JOB_FINISHED, data))

@@ -125,7 +125,9 @@ def main(spec_json: str, conn: Connection) -> None:
     log.info("worker %d (pid %d) hosts %s", spec.index, os.getpid(), ", ".join(spec.sites))
     while (task := tasks.get()) is not None:
         if task.site not in spec.sites:
-            link.send_result(Result(task.id, task.site, error=f"site {task.site!r} is not hosted by worker {spec.index}"))
+            link.send_result(
+                Result(task.id, task.site, error=f"site {task.site!r} is not hosted by worker {spec.index}")
+            )
             continue
         link.send_result(site(task.site).handle(task))
     for hosted in sites.values():

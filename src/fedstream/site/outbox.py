@@ -104,7 +104,7 @@ class Outbox:
             return len(self._pending) + (len(self._inflight.events) if self._inflight else 0)
 
     def close(self, timeout_s: float) -> bool:
-        """Flush, then stop the sending thread; ``False`` if events were still unacknowledged."""
+        """Flush, then stop the sending thread; ``False`` if events were still unacknowledged (they are given up)."""
         flushed = self.flush(timeout_s)
         with self._cond:
             self._closed = True
@@ -120,7 +120,11 @@ class Outbox:
             if wait <= 0:
                 if self._sent_at:
                     self.resends += 1
-                    log.warning("%s: no acknowledgement for events from #%d; resending", self.site, self._inflight.first_seq)
+                    log.warning(
+                        "%s: no acknowledgement for events from #%d; resending",
+                        self.site,
+                        self._inflight.first_seq,
+                    )
                 return self._inflight
             self._cond.wait(wait)
             return None
@@ -129,7 +133,7 @@ class Outbox:
             self._cond.wait()
             return None
         wait = self._oldest + self._max_delay_s - now
-        if len(self._pending) < self._batch_size and not self._flushing and not self._closed and wait > 0:
+        if len(self._pending) < self._batch_size and not self._flushing and wait > 0:
             self._cond.wait(wait)
             return None
         count = min(self._batch_size, len(self._pending))
@@ -141,7 +145,7 @@ class Outbox:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._closed and self._inflight is None and not self._pending:
+                if self._closed:
                     return
                 batch = self._next_batch()
                 if batch is not None:

@@ -54,7 +54,9 @@ class Site:
             restore(token)
         if not self.outbox.flush(self._flush_timeout_s):
             self.context.log.warning(
-                "%d events not yet acknowledged by the server after %g s", self.outbox.unacknowledged, self._flush_timeout_s
+                "%d events not yet acknowledged by the server after %g s",
+                self.outbox.unacknowledged,
+                self._flush_timeout_s,
             )
         return result
 

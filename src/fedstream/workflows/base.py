@@ -33,7 +33,7 @@ class RoundSummary:
 class Workflow(ABC):
     """Drives the sites through rounds; one instance per job, on the server."""
 
-    def check(self, sites: Sequence[str]) -> None:
+    def check(self, sites: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """Raise :class:`~fedstream.errors.ConfigError` (key = argument name) if it cannot run with ``sites``."""
 
     @abstractmethod

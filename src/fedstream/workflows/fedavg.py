@@ -80,9 +80,13 @@ class FedAvg(Workflow):
             raise ConfigError(f"a fraction must be in (0, 1], got {clients_per_round}", key="clients_per_round")
         if isinstance(clients_per_round, int) and clients_per_round < min_clients:
             raise ConfigError(
-                f"{clients_per_round} sites per round cannot satisfy min_clients = {min_clients}", key="clients_per_round"
+                f"{clients_per_round} sites per round cannot satisfy min_clients = {min_clients}",
+                key="clients_per_round",
             )
-        for name, value in (("task_timeout_s", task_timeout_s), ("wait_after_min_clients_s", wait_after_min_clients_s)):
+        for name, value in (
+            ("task_timeout_s", task_timeout_s),
+            ("wait_after_min_clients_s", wait_after_min_clients_s),
+        ):
             if value < 0:
                 raise ConfigError(f"must be 0 or more, got {value}", key=name)
         self.stop = None
@@ -106,7 +110,10 @@ class FedAvg(Workflow):
 
     def check(self, sites: Sequence[str]) -> None:
         if self.min_clients > len(sites):
-            raise ConfigError(f"{self.min_clients} sites must answer each round but the job has {len(sites)}", key="min_clients")
+            raise ConfigError(
+                f"{self.min_clients} sites must answer each round but the job has {len(sites)}",
+                key="min_clients",
+            )
         per_round = self._per_round(len(sites))
         if per_round < self.min_clients:
             raise ConfigError(
@@ -131,52 +138,57 @@ class FedAvg(Workflow):
     def run(self, federation: Federation, weights: Weights) -> None:
         best: float | None = None
         for round in range(1, self.num_rounds + 1):
-            started = time.monotonic()
-            sampled = self.sample(federation.sites, round)
-            federation.bus.fire(Event(ROUND_STARTED, RoundStarted(round, self.num_rounds)))
-            log.info("round %d/%d: training on %d site(s)", round, self.num_rounds, len(sampled))
-
-            average = WeightedAverage()
-            trained = self._collect(federation, TRAIN, round, sampled, weights, lambda r: average.add(r.weights, r.num_samples))
-            weights = average.result()
-            federation.models.save("global", weights)
-
-            validators = federation.sites if self.validate_on == "all" else sampled
-            metrics = MetricAverage()
-            validated = self._collect(
-                federation, VALIDATE, round, validators, weights, lambda r: metrics.add(r.metrics, r.num_samples)
-            )
-            global_metrics = metrics.result()
-            if self.key_metric not in global_metrics:
-                raise JobFailed(
-                    f"round {round}: key_metric {self.key_metric!r} is not among the validation metrics "
-                    f"({', '.join(sorted(global_metrics)) or 'none'}); set server.workflow.args.key_metric"
-                )
-            score = global_metrics[self.key_metric]
+            weights, summary = self._round(federation, round, weights)
+            score = summary.metrics[self.key_metric]
             if best is None or (score > best if self.key_metric_mode == "max" else score < best):
                 best = score
                 federation.models.save("best", weights)
-
-            failed = {**validated.failed, **trained.failed}
-            summary = RoundSummary(
-                round=round,
-                duration_s=time.monotonic() - started,
-                clients=trained.sites,
-                num_samples=int(average.total_weight),
-                metrics=global_metrics,
-                failed=failed,
-            )
             federation.bus.fire(Event(ROUND_COMPLETED, summary))
             log.info(
                 "round %d/%d done in %.1f s: %s",
                 round,
                 self.num_rounds,
                 summary.duration_s,
-                ", ".join(f"{key}={value:.4g}" for key, value in global_metrics.items()),
+                ", ".join(f"{key}={value:.4g}" for key, value in summary.metrics.items()),
             )
-            if self.stop is not None and self._should_stop(global_metrics):
+            if self.stop is not None and self._should_stop(summary.metrics):
                 log.info("round %d: stop condition %s %s %g holds; stopping early", round, *self.stop)
                 break
+
+    def _round(self, federation: Federation, round: int, weights: Weights) -> tuple[Weights, RoundSummary]:
+        """Train, average, save and validate once; returns the new global weights and the round's summary."""
+        started = time.monotonic()
+        sampled = self.sample(federation.sites, round)
+        federation.bus.fire(Event(ROUND_STARTED, RoundStarted(round, self.num_rounds)))
+        log.info("round %d/%d: training on %d site(s)", round, self.num_rounds, len(sampled))
+
+        average = WeightedAverage()
+        trained = self._collect(
+            federation, TRAIN, round, sampled, weights, lambda r: average.add(r.weights, r.num_samples)
+        )
+        weights = average.result()
+        federation.models.save("global", weights)
+
+        validators = federation.sites if self.validate_on == "all" else sampled
+        metrics = MetricAverage()
+        validated = self._collect(
+            federation, VALIDATE, round, validators, weights, lambda r: metrics.add(r.metrics, r.num_samples)
+        )
+        global_metrics = metrics.result()
+        if self.key_metric not in global_metrics:
+            raise JobFailed(
+                f"round {round}: key_metric {self.key_metric!r} is not among the validation metrics "
+                f"({', '.join(sorted(global_metrics)) or 'none'}); set server.workflow.args.key_metric"
+            )
+        summary = RoundSummary(
+            round=round,
+            duration_s=time.monotonic() - started,
+            clients=trained.sites,
+            num_samples=int(average.total_weight),
+            metrics=global_metrics,
+            failed={**validated.failed, **trained.failed},
+        )
+        return weights, summary
 
     def _should_stop(self, metrics: dict[str, float]) -> bool:
         assert self.stop is not None
