@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from fedstream.events import Event, EventBus
@@ -120,3 +121,14 @@ def test_put_waits_for_room_instead_of_losing_events() -> None:
     assert inbox.received["s"] == 10
     thread.join()
     outbox.close(5)
+
+
+def test_a_trickle_of_events_leaves_within_max_delay_without_a_flush() -> None:
+    outbox, seen, _, _ = pipeline()
+    outbox.put("fed.analytics", ["metric", "x", 1.0, 0, 0.0])
+    deadline = time.monotonic() + 10
+    while not seen:  # no flush(): the event must go on its own, after max_delay_s (0.01 s here)
+        assert time.monotonic() < deadline, "a lone event never left the site"
+        time.sleep(0.01)
+    assert seen[0].data[1] == "x"
+    outbox.close(timeout_s=5)

@@ -70,7 +70,8 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             result = simulate(job, args.workspace, sites, threads, observe=progress.observe, console=handler)
     if args.quiet:
         data = result.data
-        console.print(f"{data['status']}: {result.workspace.result}" + (f" ({data['error']})" if data["error"] else ""))
+        outcome = f"{data['status']}: {result.workspace.result}" + (f" ({data['error']})" if data["error"] else "")
+        console.print(outcome, soft_wrap=True, markup=False, highlight=False)
     else:
         print_summary(console, result.data)
     return result.exit_code
@@ -85,12 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             return _simulate(args, console)
         print(load_job(args.job, args.overrides).to_toml(), end="")
         return 0
-    except ConfigError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
-        return EXIT_USAGE
     except FedstreamError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
-        return 1
+        Console(stderr=True).print(f"error: {exc}", style="red", soft_wrap=True, markup=False, highlight=False)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
 

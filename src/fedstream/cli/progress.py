@@ -109,20 +109,27 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
             table.add_row(str(r["round"]), *metrics, f"{r['duration_s']:.1f} s", f"{len(r['clients'])}{left_out}")
         console.print(table)
     ws = result["logs"]["combined"].rsplit("/", 1)[0]
-    console.print(f"workspace   {ws}")
-    console.print(f"result      {ws}/result.json")
-    for name, path in result["models"].items():
-        console.print(f"model       {name}: {path}")
-    console.print(f"logs        {result['logs']['combined']} (one per site in {ws}/<site>/log.txt)")
+    lines = [f"workspace   {ws}", f"result      {ws}/result.json"]
+    lines += [f"model       {name}: {path}" for name, path in result["models"].items()]
+    lines.append(f"logs        {result['logs']['combined']} (one per site in {ws}/<site>/log.txt)")
     for name, info in result["tracking"].items():
         if isinstance(info, dict) and info.get("view"):
-            console.print(f"{name:<11} {info['view']}")
+            lines.append(f"{name:<11} {info['view']}")
+    for line in lines:  # whole lines, so that commands and paths can be copied
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+    for name, info in result["tracking"].items():
         if isinstance(info, dict) and (info.get("errors") or info.get("dropped")):
+            problems = "; ".join(info.get("errors", []))
             console.print(
-                f"[red]{name}: {info.get('dropped', 0)} records dropped; {'; '.join(info.get('errors', []))}[/]"
+                f"{name}: {info.get('dropped', 0)} records dropped; {problems}",
+                style="red",
+                soft_wrap=True,
+                markup=False,
             )
     timing = result["timing"]
     if result["status"] == "completed":
         console.print(f"[green]completed[/] in {timing['total_s']:.1f} s (start-up {timing['startup_s']:.1f} s)")
     else:
-        console.print(f"[red]failed[/] after {timing['total_s']:.1f} s: {result['error']}")
+        console.print(
+            f"failed after {timing['total_s']:.1f} s: {result['error']}", style="red", soft_wrap=True, markup=False
+        )

@@ -92,10 +92,10 @@ class HelloPTTrainer(Trainer):
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
         rng = np.random.default_rng([self.data_config.seed, self.site.index, task.round])
         self.on_train_start(task)
-        self.model.train()
         step = 0
         epoch_loss = 0.0
         for epoch in range(self.epochs):
+            self.model.train()  # hooks may have evaluated the model in between
             running_loss, seen = 0.0, 0
             for x, y in batches(self.data.train, self.batch_size, shuffle=rng):
                 optimizer.zero_grad()

@@ -65,6 +65,7 @@ class Outbox:
                 self._cond.wait_for(lambda: len(self._pending) < self._capacity or self._closed)
             if not self._pending:
                 self._oldest = time.monotonic()
+                self._cond.notify_all()  # the sender sleeps while nothing waits: start its max_delay_s clock
             self._pending.append((name, data))
             if len(self._pending) == self._batch_size:
                 self._cond.notify_all()

@@ -1,0 +1,117 @@
+"""The tracking record every writer produces and every receiver consumes, and the rules it must follow.
+
+A record travels as the data of an ``analytics`` event. The rules are MLflow's (the strictest backend), so
+anything a writer accepts any receiver can store; writers apply them at the call site, receivers again on
+arrival because the server trusts no site.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from typing import Any, NamedTuple
+
+METRIC = "metric"
+PARAM = "param"
+TAG = "tag"
+TEXT = "text"  # TensorBoard-style text: ``key`` is a tag, ``step`` a step
+ARTIFACT = "artifact"  # MLflow-style text file: ``key`` is a relative path in the run's artifacts
+KINDS = (METRIC, PARAM, TAG, TEXT, ARTIFACT)
+
+MAX_KEY_LENGTH = 250
+MAX_STEP = 2**63 - 1
+_KEY = re.compile(r"^[/\w.\- :]*$")
+_valid_keys: set[str] = set()
+
+
+class Record(NamedTuple):
+    """One tracked value. ``step`` is 0 for params and tags; ``time`` is the site's clock, in seconds."""
+
+    kind: str
+    key: str
+    value: float | str
+    step: int
+    time: float
+
+
+def check_key(key: Any, what: str = "key") -> str:
+    """A metric, param or tag name MLflow accepts: 1-250 of letters, digits, ``_ - . space / :``, no empty,
+    ``.`` or ``..`` path segments."""
+    if type(key) is str and key in _valid_keys:
+        return key
+    if not isinstance(key, str):
+        raise TypeError(f"{what} must be a str, got {type(key).__name__} {key!r}")
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"{what} {key[:60]!r} must have 1 to {MAX_KEY_LENGTH} characters, it has {len(key)}")
+    if not _KEY.match(key):
+        bad = sorted({ch for ch in key if not _KEY.match(ch)})
+        raise ValueError(
+            f"{what} {key!r} has characters MLflow does not accept ({''.join(bad)!r}); use letters, digits, "
+            "'_', '-', '.', ' ', '/' and ':'"
+        )
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"{what} {key!r} must not start or end with '/' or hold '//', '.' or '..' segments")
+    _valid_keys.add(key)
+    return key
+
+
+def check_value(value: Any, key: str) -> float:
+    """A metric value as a float: numbers, numpy scalars and one-element tensors; NaN and +-inf pass through."""
+    if type(value) is float:
+        return value
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"metric {key!r}: value must be a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        return float(value)  # numpy scalars, 0-d / one-element tensors
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}: value must be a number, got {type(value).__name__}") from None
+
+
+def check_step(step: Any, key: str) -> int:
+    """A step: an integer from 0 to 2**63 - 1 (bool is not an integer here)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"{key!r}: step must be an int, got {type(step).__name__} {step!r}")
+    number = int(step)
+    if not 0 <= number <= MAX_STEP:
+        raise ValueError(f"{key!r}: step must be >= 0, got {number}")
+    return number
+
+
+def check_path(path: Any) -> str:
+    """A relative artifact path inside a run: no absolute paths, no ``..``, no empty segments."""
+    if not isinstance(path, str):
+        raise TypeError(f"artifact path must be a str, got {type(path).__name__}")
+    if not path or path.startswith(("/", "\\")) or "\\" in path or re.match(r"^[A-Za-z]:", path):
+        raise ValueError(f"artifact path {path!r} must be a relative POSIX path, e.g. 'notes/round_1.txt'")
+    parts = path.split("/")
+    if ".." in parts or "." in parts or "" in parts:
+        raise ValueError(f"artifact path {path!r} must not hold '..', '.' or empty segments")
+    return path
+
+
+def check_time(wall_time: Any, key: str) -> float:
+    """A wall-clock time in seconds since the epoch, finite and not negative."""
+    if isinstance(wall_time, bool) or not isinstance(wall_time, numbers.Real):
+        raise TypeError(f"{key!r}: time must be a number of seconds, got {type(wall_time).__name__}")
+    seconds = float(wall_time)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{key!r}: time must be a finite number of seconds >= 0, got {wall_time}")
+    return seconds
+
+
+def from_wire(data: Any) -> Record:
+    """Rebuild and re-check a record that arrived from a site; raises ``ValueError``/``TypeError`` if invalid."""
+    if not isinstance(data, (list, tuple)) or len(data) != len(Record._fields):
+        raise ValueError(f"a tracking record has {len(Record._fields)} fields, got {data!r:.80}")
+    kind, key, value, step, wall_time = data
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}")
+    key = check_path(key) if kind == ARTIFACT else check_key(key)
+    if kind == METRIC:
+        value = check_value(value, key)
+    elif not isinstance(value, str):
+        raise TypeError(f"{kind} {key!r}: value must be a str")
+    return Record(kind, key, value, check_step(step, key), check_time(wall_time, key))

@@ -1,0 +1,389 @@
+"""Streamed tracking end to end: sites log, the server writes MLflow and TensorBoard; read back with their own
+readers (MlflowClient, EventAccumulator)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers import REPO, read_result, run_cli, write_job
+from tests.mlflow_server import MlflowServer, free_port
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+LOGGING = '''
+import os
+import time
+
+import torch
+
+from fedstream import Trainer, TrainOutput, ValidationOutput
+from fedstream.tracking import MLflowWriter, SummaryWriter, WandBWriter
+
+BASE_MS = 1_700_000_000_000
+
+
+def stamp(site_index: int, round: int, i: int) -> int:
+    return BASE_MS + site_index * 100_000 + round * 1000 + i
+
+
+class Square(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+
+class LoggingTrainer(Trainer):
+    """Logs a known set of records in every style; ``burst`` more log_metric calls in a tight loop."""
+
+    def __init__(self, *, burst: int = 0, change_param: bool = False) -> None:
+        self.burst, self.change_param = burst, change_param
+
+    def train(self, task):
+        mlflow, tb, wandb = MLflowWriter(), SummaryWriter(), WandBWriter()
+        index, r = self.site.index, task.round
+        for i in range(5):
+            mlflow.log_metric("loss", float(10 * r + i), step=task.global_step(i, 5), timestamp=stamp(index, r, i))
+        mlflow.log_metrics({"a": 1.0 * r, "b": 2.0 * r}, step=r, timestamp=stamp(index, r, 50))
+        tb.add_scalar("tb_scalar", 0.5 * r, global_step=r, walltime=stamp(index, r, 60) / 1000)
+        tb.add_scalars("grp", {"x": 1.0 * r, "y": 2.0 * r}, global_step=r, walltime=stamp(index, r, 70) / 1000)
+        wandb.log({"wandb_metric": 3.0 * r}, step=r)
+        mlflow.log_metric("auto", 1.0)
+        mlflow.log_metric("auto", 2.0)
+        mlflow.log_params({"lr": 0.2 if (self.change_param and r == 2) else 0.1, "site_name": self.site.name})
+        mlflow.set_tag("site_tag", self.site.name)
+        mlflow.set_tags({"last_round": r})
+        mlflow.log_text(f"hello from {self.site.name} in round {r}", f"notes/round_{r}.txt")
+        tb.add_text("tb_note", f"note {r}", r)
+        for i in range(self.burst):
+            mlflow.log_metric("burst", float(i), step=i)
+        return TrainOutput(num_samples=10)
+
+    def validate(self, task):
+        return ValidationOutput(num_samples=10, metrics={"accuracy": 0.5 + 0.1 * task.round, "loss": 1.0 / task.round})
+
+
+class GatedTrainer(LoggingTrainer):
+    """Logs 200 ``gated`` metrics per round, then waits until the test creates ``<gate>/round-<r>``."""
+
+    def __init__(self, *, gate: str) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def train(self, task):
+        writer = MLflowWriter()
+        for i in range(200):
+            writer.log_metric("gated", float(i), step=task.global_step(i, 200))
+        release = os.path.join(self.gate, f"round-{task.round}")
+        while not os.path.exists(release):
+            time.sleep(0.05)
+        return TrainOutput(num_samples=10)
+'''
+
+
+def logging_job(tmp_path: Path, *, tracking_uri: str = "", trainer_args: str = "", mlflow_args: str = "") -> Path:
+    return write_job(
+        tmp_path / "logging",
+        f"""
+        name = "logging"
+        description = "a job that logs known records"
+        [model]
+        path = "logging_trainer.Square"
+        [server.workflow]
+        path = "fedstream.workflows.FedAvg"
+        [server.workflow.args]
+        num_rounds = 2
+        min_clients = 2
+        [server.receivers.mlflow]
+        path = "fedstream.tracking.MLflowReceiver"
+        [server.receivers.mlflow.args]
+        tracking_uri = "{tracking_uri}"
+        experiment_name = "exp-{tmp_path.name}"
+        run_name = "logging-run"
+        {mlflow_args}
+        [server.receivers.mlflow.args.experiment_tags]
+        "mlflow.note.content" = "experiment description"
+        [server.receivers.tensorboard]
+        path = "fedstream.tracking.TensorBoardReceiver"
+        [client.trainer]
+        path = "logging_trainer.LoggingTrainer"
+        [client.trainer.args]
+        {trainer_args}
+        """,
+        {"logging_trainer.py": LOGGING},
+    )
+
+
+def simulate(job: Path, ws: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    done = run_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q", *args)
+    assert (ws / "result.json").is_file(), done.stdout + done.stderr
+    return done.returncode, read_result(ws), done.stdout + done.stderr
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    return [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key)]
+
+
+def check_mlflow(result: dict[str, Any], ws: Path) -> None:
+    tracking = result["tracking"]["mlflow"]
+    client = MlflowClient(tracking_uri=tracking["tracking_uri"])
+    assert tracking["errors"] == [] and tracking["dropped"] == 0
+    assert tracking["received"] == tracking["written"]
+    experiment = client.get_experiment(tracking["experiment_id"])
+    assert experiment.tags["mlflow.note.content"] == "experiment description"
+
+    parent = client.get_run(tracking["parent_run_id"])
+    assert parent.info.run_name == f"logging-run-{result['job_id']}"
+    assert parent.data.tags["fedstream.job_id"] == result["job_id"]
+    assert parent.data.tags["mlflow.note.content"] == "a job that logs known records"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["server.workflow.args.num_rounds"] == "2"
+    assert parent.data.params["client.trainer.path"] == "logging_trainer.LoggingTrainer"
+    assert [(s, v) for s, v, _ in history(client, parent.info.run_id, "accuracy")] == [(1, 0.6), (2, 0.7)]
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "models")) == [
+        "models/best.pt",
+        "models/global.pt",
+    ]
+
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(run.info.run_name for run in children) == ["site-1", "site-2"]
+    assert tracking["child_run_ids"] == {run.info.run_name: run.info.run_id for run in children}
+    for run in children:
+        site, index = run.info.run_name, int(run.info.run_name[-1]) - 1
+        assert run.data.tags["site"] == site and run.data.tags["site_tag"] == site
+        assert run.data.tags["last_round"] == "2"
+        assert run.data.params == {"lr": "0.1", "site_name": site}
+        assert run.info.status == "FINISHED"
+        base = 1_700_000_000_000 + index * 100_000
+        rid = run.info.run_id
+        assert history(client, rid, "loss") == [
+            (5 * (r - 1) + i, float(10 * r + i), base + r * 1000 + i) for r in (1, 2) for i in range(5)
+        ]
+        assert history(client, rid, "a") == [(1, 1.0, base + 1050), (2, 2.0, base + 2050)]
+        assert history(client, rid, "tb_scalar") == [(1, 0.5, base + 1060), (2, 1.0, base + 2060)]
+        assert [(s, v) for s, v, _ in history(client, rid, "grp/y")] == [(1, 2.0), (2, 4.0)]
+        assert [(s, v) for s, v, _ in history(client, rid, "wandb_metric")] == [(1, 3.0), (2, 6.0)]
+        assert [(s, v) for s, v, _ in history(client, rid, "auto")] == [(0, 1.0), (1, 2.0), (2, 1.0), (3, 2.0)]
+        notes = sorted(a.path for a in client.list_artifacts(rid, "notes"))
+        assert notes == ["notes/round_1.txt", "notes/round_2.txt"]
+        (ws / f"dl-{site}").mkdir()
+        local = client.download_artifacts(rid, "notes/round_2.txt", str(ws / f"dl-{site}"))
+        assert Path(local).read_text() == f"hello from {site} in round 2"
+        assert [a.path for a in client.list_artifacts(rid, "text/tb_note")] == [
+            "text/tb_note/step_1.txt",
+            "text/tb_note/step_2.txt",
+        ]
+
+
+def check_tensorboard(result: dict[str, Any]) -> None:
+    tracking = result["tracking"]["tensorboard"]
+    logdir = Path(tracking["logdir"])
+    assert sorted(p.name for p in logdir.iterdir()) == ["server", "site-1", "site-2"]
+    assert tracking["dropped"] == 0 and tracking["written"] == tracking["received"]
+    for index, site in enumerate(["site-1", "site-2"]):
+        events = EventAccumulator(str(logdir / site), size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        base = 1_700_000_000 + index * 100
+        loss = [(e.step, e.value, e.wall_time) for e in events.Scalars("loss")]
+        assert [(s, v) for s, v, _ in loss] == [(5 * (r - 1) + i, float(10 * r + i)) for r in (1, 2) for i in range(5)]
+        assert loss[0][2] == pytest.approx(base + 1.0, abs=1e-3), "the site's wall time is kept"
+        assert [(e.step, e.value) for e in events.Scalars("grp/x")] == [(1, 1.0), (2, 2.0)]
+        assert {"tb_note", "notes/round_1.txt", "param/lr", "tag/site_tag"} <= set(events.Tags()["tensors"])
+        note = events.Tensors("tb_note")[1]
+        assert (note.step, note.tensor_proto.string_val[0]) == (2, b"note 2")
+    server = EventAccumulator(str(logdir / "server"), size_guidance={"scalars": 0})
+    server.Reload()
+    assert [(e.step, round(e.value, 6)) for e in server.Scalars("accuracy")] == [(1, 0.6), (2, 0.7)]
+
+
+def test_embedded_store_holds_every_record(tmp_path: Path) -> None:
+    code, result, out = simulate(logging_job(tmp_path), tmp_path / "ws")
+    assert code == 0, out
+    assert result["tracking"]["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'ws' / 'server' / 'mlflow.db'}"
+    check_mlflow(result, tmp_path / "ws")
+    check_tensorboard(result)
+    assert result["tracking"]["events"]["duplicates"] == {"site-1": 0, "site-2": 0}
+
+
+def test_a_real_tracking_server_holds_every_record(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    code, result, out = simulate(logging_job(tmp_path, tracking_uri=mlflow_server.url), tmp_path / "ws")
+    assert code == 0, out
+    assert result["tracking"]["mlflow"]["tracking_uri"] == mlflow_server.url
+    check_mlflow(result, tmp_path / "ws")
+    assert "mlflow ui" not in out and mlflow_server.url in json.dumps(result["tracking"]["mlflow"]["view"])
+
+
+def test_a_burst_of_fifty_thousand_calls_per_site_lands_in_order(tmp_path: Path) -> None:
+    job = logging_job(tmp_path, trainer_args="burst = 50000")
+    code, result, out = simulate(job, tmp_path / "ws", "--set", "server.workflow.args.num_rounds=1")
+    assert code == 0, out
+    tracking = result["tracking"]["mlflow"]
+    client = MlflowClient(tracking_uri=tracking["tracking_uri"])
+    for site, run_id in tracking["child_run_ids"].items():
+        burst = client.get_metric_history(run_id, "burst")
+        assert [(m.step, m.value) for m in burst] == [(i, float(i)) for i in range(50_000)], site
+        times = [m.timestamp for m in burst]
+        assert times == sorted(times), "logged in order"
+        events = EventAccumulator(
+            str(Path(result["tracking"]["tensorboard"]["logdir"]) / site), size_guidance={"scalars": 0}
+        )
+        events.Reload()
+        assert [e.step for e in events.Scalars("burst")] == list(range(50_000))
+    assert tracking["dropped"] == 0 and result["tracking"]["tensorboard"]["dropped"] == 0
+
+
+def test_an_unreachable_tracking_server_fails_the_job_before_training(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    code, result, out = simulate(logging_job(tmp_path, tracking_uri=url), tmp_path / "ws")
+    assert code == 1
+    assert result["status"] == "failed"
+    assert f"MLflow tracking at {url} is not usable" in result["error"]
+    assert "required = false" in result["error"]
+    assert result["rounds"] == [] and result["models"] == {}, "no training happened"
+    assert "training" not in (tmp_path / "ws" / "site-1" / "log.txt").read_text()
+    assert "not usable" in out
+
+
+def test_optional_tracking_warns_and_reports(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    job = logging_job(tmp_path, tracking_uri=url, mlflow_args="required = false")
+    code, result, _ = simulate(job, tmp_path / "ws")
+    assert code == 3, "completed, but tracking lost records"
+    assert result["status"] == "completed" and len(result["rounds"]) == 2
+    mlflow = result["tracking"]["mlflow"]
+    assert mlflow["written"] == 0 and mlflow["dropped"] == mlflow["received"] > 0
+    assert "is not usable" in mlflow["errors"][0]
+    assert result["tracking"]["tensorboard"]["dropped"] == 0
+
+
+def test_a_changed_param_is_reported_not_fatal(tmp_path: Path) -> None:
+    code, result, _ = simulate(logging_job(tmp_path, trainer_args="change_param = true"), tmp_path / "ws")
+    assert code == 3
+    mlflow = result["tracking"]["mlflow"]
+    assert mlflow["dropped"] == 2, "one changed lr per site"
+    assert any("param 'lr' is '0.1'; the new value '0.2' was not logged" in e for e in mlflow["errors"])
+    client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
+    for run_id in mlflow["child_run_ids"].values():
+        run = client.get_run(run_id)
+        assert run.data.params["lr"] == "0.1"
+        assert len(client.get_metric_history(run_id, "loss")) == 10, "the rest of the batch was written"
+
+
+@pytest.mark.parametrize("job_name", ["hello-pt-mlflow", "hello-pt-tb-mlflow"])
+def test_the_hello_pt_tracking_jobs(tmp_path: Path, tiny_cifar: Path, job_name: str) -> None:
+    done = run_cli(
+        "simulate", str(REPO / "jobs" / job_name), "-w", str(tmp_path / "ws"), "-n", "2", "-t", "2",
+        "--set", f"client.trainer.args.data.root={tiny_cifar}", "--set", "server.workflow.args.num_rounds=2",
+        "--set", "client.trainer.args.epochs=1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = read_result(tmp_path / "ws")
+    assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout and "tensorboard --logdir" in done.stdout
+    tracking = result["tracking"]["mlflow"]
+    client = MlflowClient(tracking_uri=tracking["tracking_uri"])
+    steps_per_round = -(-150 // 32)  # 300 training samples split between 2 sites, batch 32
+    for run_id in tracking["child_run_ids"].values():
+        run = client.get_run(run_id)
+        assert {"train_loss", "running_loss", "validation_accuracy"} <= set(run.data.metrics)
+        assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(range(2 * steps_per_round))
+        assert run.data.params["learning_rate"] == "0.01"
+    parent = client.get_run(tracking["parent_run_id"])
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "accuracy")] == [1, 2]
+    if job_name == "hello-pt-mlflow":
+        run = client.get_run(tracking["child_run_ids"]["site-1"])
+        assert run.data.tags["site"] == "site-1"
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == [
+            "notes/round_1.txt",
+            "notes/round_2.txt",
+        ]
+    check = EventAccumulator(
+        str(Path(result["tracking"]["tensorboard"]["logdir"]) / "site-2"), size_guidance={"scalars": 0}
+    )
+    check.Reload()
+    assert len(check.Scalars("train_loss")) == 2 * steps_per_round
+
+
+def wait_for(condition, what: str, timeout_s: float = 120) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``condition`` until it holds (synchronisation on a state, not on a duration)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def gated_count(server: MlflowServer) -> int:
+    client = MlflowClient(tracking_uri=server.url)
+    try:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        return sum(len(client.get_metric_history(run.info.run_id, "gated")) for run in runs)
+    except Exception:
+        return -1
+
+
+def test_tracking_server_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
+    server = MlflowServer(tmp_path / "mlflow").start()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    job = logging_job(
+        tmp_path,
+        tracking_uri=server.url,
+        trainer_args=f'gate = "{gate}"',
+        mlflow_args="http_max_retries = 0\nhttp_timeout_s = 5\nflush_interval_s = 0.2",
+    )
+    (job / "job.toml").write_text(
+        (job / "job.toml")
+        .read_text()
+        .replace("LoggingTrainer", "GatedTrainer")
+        .replace("num_rounds = 2", "num_rounds = 3")
+    )
+    ws = tmp_path / "ws"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedstream", "simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: gated_count(server) == 400, "round 1's records on the tracking server")
+        server.stop()
+        (gate / "round-1").touch()
+        server_log = ws / "server" / "log.txt"
+        wait_for(lambda: "MLflow at" in server_log.read_text() and "failed" in server_log.read_text(), "the outage")
+        wait_for(lambda: "round 2/3: training" in server_log.read_text(), "round 2")
+        server.start()
+        (gate / "round-2").touch()
+        (gate / "round-3").touch()
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        server_was_running = server.process is not None
+        server.stop()
+    assert process.returncode == 0, output
+    result = read_result(ws)
+    mlflow = result["tracking"]["mlflow"]
+    assert mlflow["dropped"] == 0 and mlflow["errors"] == [] and mlflow["written"] == mlflow["received"]
+    assert server_was_running
+    server.start()
+    try:
+        client = MlflowClient(tracking_uri=server.url)
+        for site, run_id in mlflow["child_run_ids"].items():
+            gated = client.get_metric_history(run_id, "gated")
+            assert [(m.step, m.value) for m in gated] == [(i, float(i % 200)) for i in range(600)], site
+        parent = mlflow["parent_run_id"]
+        assert [m.step for m in client.get_metric_history(parent, "accuracy")] == [1, 2, 3]
+        assert client.get_run(parent).info.status == "FINISHED"
+    finally:
+        server.stop()
+    assert "is back" in (ws / "server" / "log.txt").read_text()

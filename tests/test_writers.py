@@ -1,0 +1,159 @@
+"""Client-side writers: input checked at the call site, steps and times as documented."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedstream.errors import FedstreamError
+from fedstream.events import ANALYTICS, Event, EventBus
+from fedstream.site.context import SiteContext, restore, run_as
+from fedstream.tracking import MLflowWriter, SummaryWriter, WandBWriter
+from fedstream.tracking.records import ARTIFACT, METRIC, PARAM, TAG, TEXT, Record, from_wire
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Iterator[list[Record]]:
+    """Run as a site whose analytics events are collected."""
+    bus = EventBus()
+    seen: list[Record] = []
+    bus.subscribe(ANALYTICS, lambda event: seen.append(event.data))
+    site = SiteContext("site-1", 0, 1, "job", "id", tmp_path, bus, logging.getLogger("test"))
+    token = run_as(site)
+    yield seen
+    restore(token)
+
+
+def test_mlflow_calls_become_records(records: list[Record]) -> None:
+    writer = MLflowWriter()
+    before = time.time()
+    writer.log_metric("loss", 0.5, step=3)
+    writer.log_metric("loss", 0.25, step=4, timestamp=1_700_000_000_123)
+    writer.log_metrics({"a": 1, "b": np.float32(2.5)}, step=7)
+    writer.log_param("lr", 0.1)
+    writer.log_params({"opt": "sgd"})
+    writer.set_tag("site", "site-1")
+    writer.set_tags({"round": 1})
+    writer.log_text("hello", "notes/a.txt")
+    kinds = [(r.kind, r.key, r.value, r.step) for r in records]
+    assert kinds == [
+        (METRIC, "loss", 0.5, 3), (METRIC, "loss", 0.25, 4), (METRIC, "a", 1.0, 7), (METRIC, "b", 2.5, 7),
+        (PARAM, "lr", "0.1", 0), (PARAM, "opt", "sgd", 0), (TAG, "site", "site-1", 0), (TAG, "round", "1", 0),
+        (ARTIFACT, "notes/a.txt", "hello", 0),
+    ]  # fmt: skip
+    assert before <= records[0].time <= time.time()
+    assert records[1].time == 1_700_000_000.123, "the site's timestamp is kept (ms -> s)"
+    assert all(from_wire(list(r)) == r for r in records), "records survive the trip to the server"
+
+
+def test_tensorboard_and_wandb_calls(records: list[Record]) -> None:
+    tb = SummaryWriter()
+    tb.add_scalar("acc", torch.tensor(0.75), global_step=2, walltime=1_700_000_000.5)
+    tb.add_scalars("loss", {"train": 1.0, "val": 2.0}, global_step=5)
+    tb.add_text("note", "hi", global_step=3)
+    tb.add_hparams({"lr": 0.01}, {"hp_metric": 0.9})
+    tb.flush()
+    tb.close()
+    WandBWriter().log({"w": 1.5}, step=9)
+    got = [(r.kind, r.key, r.value, r.step) for r in records]
+    assert got == [
+        (METRIC, "acc", 0.75, 2), (METRIC, "loss/train", 1.0, 5), (METRIC, "loss/val", 2.0, 5),
+        (TEXT, "note", "hi", 3), (PARAM, "lr", "0.01", 0), (METRIC, "hp_metric", 0.9, 0), (METRIC, "w", 1.5, 9),
+    ]  # fmt: skip
+    assert records[0].time == 1_700_000_000.5
+
+
+def test_missing_steps_continue_each_series(records: list[Record]) -> None:
+    writer = MLflowWriter()
+    writer.log_metric("x", 1.0)
+    writer.log_metric("x", 2.0)
+    writer.log_metric("y", 3.0)
+    writer.log_metric("x", 4.0, step=10)
+    writer.log_metric("x", 5.0)
+    writer.log_metric("x", 6.0, step=2)  # an explicit earlier step is kept as it is
+    writer.log_metric("x", 7.0)
+    assert [(r.key, r.step) for r in records] == [
+        ("x", 0),
+        ("x", 1),
+        ("y", 0),
+        ("x", 10),
+        ("x", 11),
+        ("x", 2),
+        ("x", 12),
+    ]
+
+
+def test_nan_and_infinity_pass_through(records: list[Record]) -> None:
+    MLflowWriter().log_metric("loss", float("nan"), step=0)
+    MLflowWriter().log_metric("loss", float("inf"), step=1)
+    assert math.isnan(records[0].value) and records[1].value == math.inf  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda w: w.log_metric("loss", "0.5"), TypeError, "value must be a number, got str '0.5'"),
+        (lambda w: w.log_metric("loss", None), TypeError, "value must be a number"),
+        (lambda w: w.log_metric("loss", [1.0]), TypeError, "value must be a number, got list"),
+        (lambda w: w.log_metric("loss", torch.ones(3)), TypeError, "value must be a number, got Tensor"),
+        (lambda w: w.log_metric("acc@top1", 1.0), ValueError, "characters MLflow does not accept ('@')"),
+        (lambda w: w.log_metric("a" * 251, 1.0), ValueError, "must have 1 to 250 characters, it has 251"),
+        (lambda w: w.log_metric("", 1.0), ValueError, "must have 1 to 250 characters"),
+        (lambda w: w.log_metric("a//b", 1.0), ValueError, "'//'"),
+        (lambda w: w.log_metric("../x", 1.0), ValueError, "'..' segments"),
+        (lambda w: w.log_metric(3, 1.0), TypeError, "metric name must be a str"),
+        (lambda w: w.log_metric("loss", 1.0, step=-1), ValueError, "step must be >= 0, got -1"),
+        (lambda w: w.log_metric("loss", 1.0, step=1.5), TypeError, "step must be an int, got float"),
+        (lambda w: w.log_metric("loss", 1.0, step=True), TypeError, "step must be an int, got bool"),
+        (lambda w: w.log_metric("loss", 1.0, timestamp=float("nan")), ValueError, "finite"),
+        (lambda w: w.log_param("bad key!", 1), ValueError, "param name 'bad key!'"),
+        (lambda w: w.set_tag("t" * 300, "x"), ValueError, "tag name"),
+        (lambda w: w.log_metrics([("a", 1.0)]), TypeError, "metrics must be a dict"),
+        (lambda w: w.log_text("x", "../outside.txt"), ValueError, "must not hold '..'"),
+        (lambda w: w.log_text("x", "notes/../../x.txt"), ValueError, "must not hold '..'"),
+        (lambda w: w.log_text("x", "/etc/passwd"), ValueError, "must be a relative POSIX path"),
+        (lambda w: w.log_text("x", "C:/x.txt"), ValueError, "relative POSIX path"),
+        (lambda w: w.log_text("x", "a\\b.txt"), ValueError, "relative POSIX path"),
+        (lambda w: w.log_text(b"bytes", "a.txt"), TypeError, "text must be a str"),
+    ],
+)
+def test_bad_calls_fail_at_the_call_site(records: list[Record], call, error: type, words: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error) as caught:
+        call(MLflowWriter())
+    assert words in str(caught.value)
+    assert records == [], "nothing is sent for a bad call"
+
+
+def test_writers_need_a_running_site() -> None:
+    with pytest.raises(FedstreamError, match="no fedstream site is running here"):
+        MLflowWriter().log_metric("loss", 1.0)
+
+
+def test_a_writer_follows_the_site_that_is_running(tmp_path: Path) -> None:
+    writer = MLflowWriter()  # e.g. created at module level, shared by several sites in one worker
+    seen: list[Event] = []
+    for name in ("site-1", "site-2"):
+        bus = EventBus()
+        bus.subscribe(ANALYTICS, lambda event, name=name: seen.append(Event(event.name, event.data, name)))
+        token = run_as(SiteContext(name, 0, 2, "job", "id", tmp_path, bus, logging.getLogger("t")))
+        writer.log_metric("loss", 1.0)
+        restore(token)
+    assert [e.site for e in seen] == ["site-1", "site-2"]
+
+
+def test_server_rechecks_what_arrives() -> None:
+    with pytest.raises(ValueError, match="unknown record kind"):
+        from_wire(["image", "x", 1.0, 0, 1.0])
+    with pytest.raises(ValueError, match="characters MLflow does not accept"):
+        from_wire(["metric", "a@b", 1.0, 0, 1.0])
+    with pytest.raises(ValueError, match="must not hold"):
+        from_wire(["artifact", "../../etc/passwd", "x", 0, 1.0])
+    with pytest.raises(ValueError, match="fields"):
+        from_wire({"kind": "metric"})
