@@ -120,11 +120,15 @@ class HelloPTTrainer(Trainer):
         )
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Accuracy and mean loss of the current model on the site's validation samples."""
+    def evaluate(self, max_samples: int = 0) -> tuple[float, float]:
+        """Accuracy and mean loss of the current model on the site's validation samples (the first
+        ``max_samples`` of them if that is not 0)."""
         self.model.eval()
         correct, total, loss_sum = 0, 0, 0.0
-        for x, y in batches(self.data.validation, self.eval_batch_size):
+        data = self.data.validation
+        if max_samples:
+            data = data.select(np.arange(min(max_samples, len(data.labels))))
+        for x, y in batches(data, self.eval_batch_size):
             logits = self.model(x.to(self.device))
             y = y.to(self.device)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()

@@ -2,8 +2,12 @@
 
 ``<server workspace>/<folder>/<site>/`` holds one site's records and ``.../server/`` the global model's
 metrics per round (step = round), one writer per directory, so TensorBoard shows every site as a run and
-overlays the same tag across sites. Files are written with TensorBoard's own ``EventFileWriter`` (no torch or
-TensorFlow), keep the site's steps and wall times, are flushed after every round and closed at the end.
+overlays the same tag across sites. Records keep the site's steps and wall times; files are flushed after
+every round and closed at the end.
+
+Files are written with TensorBoard's own ``RecordWriter`` (its record framing and checksums; no torch or
+TensorFlow) over an ordinary buffered file. TensorBoard's ``EventFileWriter`` would do the same but, without
+TensorFlow installed, it reopens the file for every record, which made it a third of the server's work.
 
 Mapping: metrics -> scalars; ``add_text`` -> text at its step; ``log_text`` -> text tagged with the file's
 path; params -> text ``param/<key>``; tags -> text ``tag/<key>``.
@@ -11,7 +15,10 @@ path; params -> text ``param/<key>``; tags -> text ``tag/<key>``.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -46,18 +53,16 @@ class TensorBoardReceiver(Receiver):
         self.events = list(events)
         self._folder = folder
         self._root: Path | None = None
-        self._writers: dict[str, Any] = {}
+        self._writers: dict[str, EventFile] = {}
         self._lock = threading.Lock()
         self._report = ReceiverReport()
 
     def start(self, job: JobInfo) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
         from tensorboard.plugins.text import metadata as text_metadata
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self._pb = (event_pb2, summary_pb2, tensor_pb2, types_pb2)
         self._text_metadata = text_metadata.create_summary_metadata(display_name=None, description=None)
-        self._writer_class = EventFileWriter
         self._root = job.workspace / self._folder
         self._root.mkdir(parents=True, exist_ok=True)
         self._report.details.update({"logdir": str(self._root), "view": f"tensorboard --logdir {self._root}"})
@@ -101,11 +106,11 @@ class TensorBoardReceiver(Receiver):
         summary = summary_pb2.Summary(value=[value])
         self._writer(run).add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
 
-    def _writer(self, run: str) -> Any:
+    def _writer(self, run: str) -> EventFile:
         writer = self._writers.get(run)
         if writer is None:
             assert self._root is not None
-            writer = self._writers[run] = self._writer_class(str(self._root / run), max_queue_size=1000, flush_secs=30)
+            writer = self._writers[run] = EventFile(self._root / run)
         return writer
 
     def _drop(self, reason: str) -> None:
@@ -122,3 +127,29 @@ class TensorBoardReceiver(Receiver):
 
     def report(self) -> ReceiverReport:
         return self._report
+
+
+class EventFile:
+    """One TensorBoard event file (``events.out.tfevents.<time>.<host>.<pid>.<n>``) in ``folder``."""
+
+    _count = itertools.count()
+
+    def __init__(self, folder: Path) -> None:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(self._count)}"
+        self.path = folder / name
+        self._file = self.path.open("wb")
+        self._records = RecordWriter(self._file)
+        self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add_event(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,179 @@
+"""Benchmark of streamed tracking; writes bench/results/tracking.md.
+
+    python bench/tracking.py [--repeat 3]
+
+1. End to end: 2 sites each log 100,000 metrics as fast as they can; the server writes them to the embedded
+   MLflow store (SQLite) and to TensorBoard. Throughput = 200,000 / (first call on a site -> last record
+   written, i.e. the job's end). Baseline: raw ``MlflowClient.log_batch`` of the same 200,000 metrics (1000
+   per request) into a fresh SQLite store, measured in the same run. Records lost are read back from MLflow.
+2. The cost of one ``log_metric`` call in the training process (p50, p99), measured inside the trainer.
+3. hello-pt-mlflow (per-batch logging) against hello-pt on the same data: 2 x 5,000 images, 2 rounds,
+   batch 4, -t 2 (the most logging per unit of compute); runs alternate, medians are reported. The cost of
+   per-batch logging is measured on the training phase (the rounds' durations in result.json); the start-up
+   difference (importing MLflow and creating its SQLite store) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from measure import REPO, cifar_root, fedstream, measure
+
+OUT = REPO / "bench" / "out"
+RESULTS = REPO / "bench" / "results" / "tracking.md"
+PER_SITE = 100_000
+
+
+def raw_log_batch() -> float:
+    """Metrics/s of MlflowClient.log_batch of 2 x PER_SITE metrics, 1000 per request, into a new SQLite store."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    folder = Path(tempfile.mkdtemp(dir=OUT))
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.create_experiment("raw", artifact_location=(folder / "artifacts").as_uri())
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+    now = int(time.time() * 1000)
+    batches = [
+        [Metric("burst", float(i), now + i, i) for i in range(start, start + 1000)]
+        for start in range(0, PER_SITE, 1000)
+    ]
+    began = time.perf_counter()
+    for run in runs:
+        for batch in batches:
+            client.log_batch(run, metrics=batch)
+    seconds = time.perf_counter() - began
+    shutil.rmtree(folder)
+    return 2 * PER_SITE / seconds
+
+
+def end_to_end(ws: Path) -> dict[str, float]:
+    from mlflow import MlflowClient
+
+    shutil.rmtree(ws, ignore_errors=True)
+    run = measure(
+        fedstream("simulate", str(REPO / "bench" / "jobs" / "burst"), "-w", str(ws), "-n", "2", "-t", "2", "-q"),
+        log=OUT / "burst.log",
+    )
+    if run.returncode:
+        sys.exit(f"the burst job failed ({run.returncode}); see {OUT / 'burst.log'}")
+    result = json.loads((ws / "result.json").read_text())
+    ended = (ws / "result.json").stat().st_mtime
+    costs = [json.loads((ws / site / "log_metric_cost.json").read_text()) for site in ("site-1", "site-2")]
+    began = min(cost["began"] for cost in costs)
+    mlflow = result["tracking"]["mlflow"]
+    client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
+    stored = sum(len(client.get_metric_history(run_id, "burst")) for run_id in mlflow["child_run_ids"].values())
+    return {
+        "rate": 2 * PER_SITE / (ended - began),
+        "stored": stored,
+        "lost": 2 * PER_SITE - stored,
+        "dropped": mlflow["dropped"] + result["tracking"]["tensorboard"]["dropped"],
+        "p50_us": statistics.median(c["p50_us"] for c in costs),
+        "p99_us": max(c["p99_us"] for c in costs),
+        "calls_s": max(c["seconds"] for c in costs),
+        "peak_pss_mb": run.peak_pss_mb,
+    }
+
+
+def hello(job: str, data: Path) -> list[str]:
+    sets = [
+        f"client.trainer.args.data.root={data}",
+        "server.workflow.args.num_rounds=2",
+        "client.trainer.args.epochs=1",
+        "client.trainer.args.data.partition=full",
+        "client.trainer.args.data.max_train_samples=5000",
+        "client.trainer.args.batch_size=4",
+        "client.trainer.args.lr=0.001",
+    ]
+    args = ["simulate", str(REPO / "jobs" / job), "-w", str(OUT / f"ws-{job}"), "-n", "2", "-t", "2", "-q"]
+    for item in sets:
+        args += ["--set", item]
+    return fedstream(*args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = cifar_root(OUT)
+    raw, e2e = [], []
+    runs: dict[str, list[dict[str, float]]] = {"hello-pt": [], "hello-pt-mlflow": []}
+    for i in range(args.repeat):
+        raw.append(raw_log_batch())
+        e2e.append(end_to_end(OUT / "ws-burst"))
+        for job, done in runs.items():
+            shutil.rmtree(OUT / f"ws-{job}", ignore_errors=True)
+            measured = measure(hello(job, data), log=OUT / f"{job}-{i}.log")
+            if measured.returncode:
+                sys.exit(f"{job} failed ({measured.returncode}); see {OUT / f'{job}-{i}.log'}")
+            result = json.loads((OUT / f"ws-{job}" / "result.json").read_text())
+            rounds = sum(r["duration_s"] for r in result["rounds"])
+            done.append({"wall": measured.wall_s, "startup": result["timing"]["startup_s"], "rounds": rounds})
+        plain, logged = runs["hello-pt"][-1], runs["hello-pt-mlflow"][-1]
+        print(
+            f"run {i + 1}: raw {raw[-1]:.0f}/s, end to end {e2e[-1]['rate']:.0f}/s (lost {e2e[-1]['lost']}), "
+            f"log_metric p50 {e2e[-1]['p50_us']:.1f} us p99 {e2e[-1]['p99_us']:.1f} us, "
+            f"hello-pt {plain['wall']:.1f} s (rounds {plain['rounds']:.1f} s), "
+            f"hello-pt-mlflow {logged['wall']:.1f} s (rounds {logged['rounds']:.1f} s)",
+            flush=True,
+        )
+
+    def med(key: str) -> float:
+        return statistics.median(run[key] for run in e2e)
+
+    ratio = statistics.median(run["rate"] / r for run, r in zip(e2e, raw, strict=True))
+
+    def job(name: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[name])
+
+    def cost(key: str) -> float:
+        pairs = zip(runs["hello-pt"], runs["hello-pt-mlflow"], strict=True)
+        return (statistics.median(b[key] / a[key] for a, b in pairs) - 1) * 100
+
+    lines = [
+        "# Tracking benchmark",
+        "",
+        f"Command: `python bench/tracking.py --repeat {args.repeat}` on {platform.node() or 'this machine'} "
+        f"({platform.machine()}, Python {platform.python_version()}); medians of {args.repeat} runs, the baseline "
+        "measured in the same run.",
+        "",
+        "| measure | value | target |",
+        "|---|---:|---:|",
+        f"| raw `MlflowClient.log_batch` into SQLite (baseline) | {statistics.median(raw):,.0f} metrics/s | |",
+        f"| end to end, 2 sites x {PER_SITE:,} `log_metric` -> server -> MLflow (SQLite) + TensorBoard | "
+        f"{med('rate'):,.0f} metrics/s | |",
+        f"| end to end / raw | {ratio:.2f} | >= 0.5 |",
+        f"| records lost (stored in MLflow vs logged; dropped reported) | {max(r['lost'] for r in e2e)} "
+        f"({max(r['dropped'] for r in e2e)} dropped) | 0 |",
+        f"| one `log_metric` call in the training process, p50 | {med('p50_us'):.1f} us | well under 50 us |",
+        f"| one `log_metric` call in the training process, p99 | {med('p99_us'):.1f} us | |",
+        f"| a site's {PER_SITE:,} calls took | {med('calls_s'):.2f} s | (NVFlare: 12.8 s for 10,000) |",
+        f"| peak PSS of the burst job (server + 2 workers) | {med('peak_pss_mb'):.0f} MB | |",
+        f"| hello-pt (2 x 5,000 images, 2 rounds, batch 4): training phase / wall | "
+        f"{job('hello-pt', 'rounds'):.2f} s / {job('hello-pt', 'wall'):.2f} s | |",
+        f"| hello-pt-mlflow, same data, logging every batch: training phase / wall | "
+        f"{job('hello-pt-mlflow', 'rounds'):.2f} s / {job('hello-pt-mlflow', 'wall'):.2f} s | |",
+        f"| cost of per-batch logging: training phase (median of per-pair ratios - 1) | "
+        f"{cost('rounds'):+.1f} % | <= 5 % |",
+        f"| start-up: hello-pt / hello-pt-mlflow (MLflow import + new SQLite store) | "
+        f"{job('hello-pt', 'startup'):.2f} s / {job('hello-pt-mlflow', 'startup'):.2f} s | |",
+        f"| whole run, start-up included (median of per-pair ratios - 1) | {cost('wall'):+.1f} % | |",
+        "",
+    ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
