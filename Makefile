@@ -1,5 +1,5 @@
 # The two commands the README starts with:
-#   make run    set up an environment and run the main job (JOB) in the simulator
+#   make run    set up an environment and run the main job (JOB, hello-pt-mlflow) in the simulator
 #   make test   set up an environment and run lint, type checks and the tests
 # TORCH picks the PyTorch to install when the environment has none (TORCH=torch for the latest release).
 
@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 DATA ?= data/cifar10
-JOB ?= jobs/hello-pt
+JOB ?= jobs/hello-pt-mlflow
 WORKSPACE ?= workspaces/$(notdir $(JOB))
 CLIENTS ?= 2
 THREADS ?= 2

@@ -8,6 +8,8 @@
 (c) a near-zero job: 1 round, 64 training and 64 validation images per client, 2 clients;
 (d) 100 clients, -t 2, 1 round, 64 images each.
 Runs alternate (b, a, c, d, b, a, ...) so that a noisy machine affects all alike; medians are reported.
+Each scenario runs twice per repeat: once for time, once with the memory sampler, whose own CPU use would
+otherwise slow the timed run.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def scenarios(data: Path) -> dict[str, list[str]]:
             data,
             2,
             "server.workflow.args.num_rounds=2",
+            "client.trainer.args.epochs=1",
             "client.trainer.args.data.partition=full",
             "client.trainer.args.data.max_train_samples=5000",
             "client.trainer.args.batch_size=4",
@@ -92,10 +95,15 @@ def main() -> None:
     commands = scenarios(data)
     for i in range(args.repeat):
         for name, command in commands.items():
-            shutil.rmtree(OUT / f"ws-{name}", ignore_errors=True)
-            result = measure(command, log=OUT / f"{name}-{i}.log")
-            if result.returncode:
-                sys.exit(f"({name}) failed with exit code {result.returncode}; see {OUT / f'{name}-{i}.log'}")
+            timed = memory = None
+            for sampled in (False, True):
+                shutil.rmtree(OUT / f"ws-{name}", ignore_errors=True)
+                run = measure(command, memory=sampled, log=OUT / f"{name}-{i}.log")
+                if run.returncode:
+                    sys.exit(f"({name}) failed with exit code {run.returncode}; see {OUT / f'{name}-{i}.log'}")
+                memory, timed = (run, timed) if sampled else (memory, run)
+            assert timed is not None and memory is not None
+            result = Measurement(timed.wall_s, timed.cpu_s, memory.peak_pss_mb, memory.peak_processes, 0)
             runs[name].append(result)
             print(
                 f"({name}) run {i + 1}: {result.wall_s:.2f} s wall, {result.cpu_s:.2f} s CPU, "
@@ -118,8 +126,8 @@ def main() -> None:
         "",
         f"Command: `python bench/core.py --repeat {args.repeat}` on {platform.node() or 'this machine'} "
         f"({platform.processor() or platform.machine()}, Python {platform.python_version()}); medians of "
-        f"{args.repeat} interleaved runs. CPU is user+sys of the whole process tree; PSS is sampled every 20 ms "
-        "and summed over the tree.",
+        f"{args.repeat} interleaved runs. CPU is user+sys of the whole process tree; peak PSS is summed over the "
+        "tree, sampled every 50 ms in a separate run of each scenario.",
         "",
         "| scenario | wall s | CPU s | peak PSS MB | processes |",
         "|---|---:|---:|---:|---:|",

@@ -52,8 +52,12 @@ def test_reads_the_official_layout(tmp_path: Path) -> None:
     assert train.labels[12:24].tolist() == expected["data_batch_2"][b"labels"]
     assert isinstance(train.images, np.memmap), "pixels are memory-mapped from the cache"
     assert (root / "cifar-10-batches-npy" / "train_images.npy").is_file()
-    chosen = train.select(np.array([3, 17]))
-    assert not isinstance(chosen.images, np.memmap) and chosen.labels.tolist() == train.labels[[3, 17]].tolist()
+    picks = np.array([17, 3, 4, 5, 59, 0])  # unsorted, with a run of consecutive rows
+    chosen = train.select(picks)
+    assert not isinstance(chosen.images, np.memmap)
+    np.testing.assert_array_equal(chosen.images, np.asarray(train.images)[picks])
+    assert chosen.labels.tolist() == train.labels[picks].tolist()
+    assert train.select(np.array([], dtype=np.int64)).images.shape == (0, 3, 32, 32)
 
 
 def test_downloads_and_verifies_the_archive(tmp_path: Path, archive_server: tuple[str, bytes]) -> None:
@@ -140,11 +144,13 @@ def test_site_data_and_normalised_batches(tmp_path: Path) -> None:
     root = write_cifar_layout(tmp_path, per_batch=10, test=20)
     data = Cifar10Data(root=str(root), partition="iid", max_train_samples=7, max_val_samples=5, download=False)
     site = data.for_site(1, 3)
-    assert len(site.train.labels) == 7 and len(site.validation.labels) == 5
-    x, y = next(batches(site.train, 4, shuffle=np.random.default_rng(0)))
+    train, validation = site.train(), site.validation()
+    assert len(train.labels) == 7 and len(validation.labels) == 5 and len(site.validation(2).labels) == 2
+    assert train.labels.tolist() == cifar10.load(root, "train").labels[site.train_indices].tolist()
+    x, y = next(batches(train, 4, shuffle=np.random.default_rng(0)))
     assert x.shape == (4, 3, 32, 32) and x.dtype.is_floating_point and y.shape == (4,)
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
-    pixels = site.validation.images[:1].astype(np.float32)
-    first, _ = next(batches(site.validation, 1))
+    pixels = validation.images[:1].astype(np.float32)
+    first, _ = next(batches(validation, 1))
     np.testing.assert_allclose(first.numpy(), (pixels / 255 - 0.5) / 0.5, atol=1e-6)
-    assert sum(len(y) for _, y in batches(site.train, 3)) == 7, "the last batch is partial"
+    assert sum(len(y) for _, y in batches(train, 3)) == 7, "the last batch is partial"

@@ -79,25 +79,24 @@ class HelloPTTrainer(Trainer):
         self.data: SiteData = self.data_config.for_site(self.site.index, self.site.num_sites)
         self.model.to(self.device)
         self.site.log.info(
-            "%d training and %d validation samples",
-            len(self.data.train.labels),
-            len(self.data.validation.labels),
+            "%d training and %d validation samples", len(self.data.train_indices), len(self.data.validation_indices)
         )
 
     @property
     def steps_per_round(self) -> int:
-        return self.epochs * -(-len(self.data.train.labels) // self.batch_size)
+        return self.epochs * -(-len(self.data.train_indices) // self.batch_size)
 
     def train(self, task: TaskInfo) -> TrainOutput:
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
         rng = np.random.default_rng([self.data_config.seed, self.site.index, task.round])
+        train = self.data.train()
         self.on_train_start(task)
         step = 0
         epoch_loss = 0.0
         for epoch in range(self.epochs):
             self.model.train()  # hooks may have evaluated the model in between
             running_loss, seen = 0.0, 0
-            for x, y in batches(self.data.train, self.batch_size, shuffle=rng):
+            for x, y in batches(train, self.batch_size, shuffle=rng):
                 optimizer.zero_grad()
                 cost = self.loss(self.model(x.to(self.device)), y.to(self.device))
                 cost.backward()
@@ -109,14 +108,14 @@ class HelloPTTrainer(Trainer):
                 step += 1
             epoch_loss = running_loss / max(seen, 1)
             self.on_epoch_end(task, epoch, step)
-        output = TrainOutput(num_samples=len(self.data.train.labels), metrics={"train_loss": epoch_loss})
+        output = TrainOutput(num_samples=len(train.labels), metrics={"train_loss": epoch_loss})
         self.on_train_end(task, output)
         return output
 
     def validate(self, task: TaskInfo) -> ValidationOutput:
         accuracy, loss = self.evaluate()
         return ValidationOutput(
-            num_samples=len(self.data.validation.labels), metrics={"accuracy": accuracy, "loss": loss}
+            num_samples=len(self.data.validation_indices), metrics={"accuracy": accuracy, "loss": loss}
         )
 
     @torch.no_grad()
@@ -125,10 +124,7 @@ class HelloPTTrainer(Trainer):
         ``max_samples`` of them if that is not 0)."""
         self.model.eval()
         correct, total, loss_sum = 0, 0, 0.0
-        data = self.data.validation
-        if max_samples:
-            data = data.select(np.arange(min(max_samples, len(data.labels))))
-        for x, y in batches(data, self.eval_batch_size):
+        for x, y in batches(self.data.validation(max_samples), self.eval_batch_size):
             logits = self.model(x.to(self.device))
             y = y.to(self.device)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()

@@ -39,22 +39,35 @@ class Cifar10Data(BaseModel):
     max_val_samples: int = Field(default=0, ge=0)
 
     def for_site(self, index: int, num_sites: int) -> SiteData:
-        """Site ``index``'s training samples and validation samples (validation comes from the test split)."""
+        """Which samples are site ``index``'s: training samples, and validation samples from the test split."""
 
-        def share(split: str, limit: int) -> cifar10.Split:
-            data = cifar10.load(self.root, split, download=self.download)
-            parts = partition(data.labels, num_sites, self.partition, alpha=self.alpha, seed=self.seed)
-            return data.select(cap(parts[index], limit, seed=self.seed, site=index))
+        def share(split: str, limit: int) -> np.ndarray:
+            labels = cifar10.load(self.root, split, download=self.download).labels
+            parts = partition(labels, num_sites, self.partition, alpha=self.alpha, seed=self.seed)
+            return cap(parts[index], limit, seed=self.seed, site=index)
 
-        return SiteData(share("train", self.max_train_samples), share("test", self.max_val_samples))
+        return SiteData(self.root, share("train", self.max_train_samples), share("test", self.max_val_samples))
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """The samples of one site: its training set and its validation set."""
+    """A site's share of CIFAR-10: the indices of its samples, read in for each task.
 
-    train: cifar10.Split
-    validation: cifar10.Split
+    A site holds only indices between tasks, so a worker hosting many sites holds the pixels of one at a time;
+    reading them back from the ``.npy`` cache (page cache, contiguous runs) takes milliseconds.
+    """
+
+    root: str
+    train_indices: np.ndarray
+    validation_indices: np.ndarray
+
+    def train(self) -> cifar10.Split:
+        return cifar10.load(self.root, "train", download=False).select(self.train_indices)
+
+    def validation(self, max_samples: int = 0) -> cifar10.Split:
+        """The validation samples (the first ``max_samples`` of them if that is not 0)."""
+        indices = self.validation_indices[:max_samples] if max_samples else self.validation_indices
+        return cifar10.load(self.root, "test", download=False).select(indices)
 
 
 def batches(

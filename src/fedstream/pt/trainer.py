@@ -76,6 +76,11 @@ class Trainer(ABC):
         """The model's weights as numpy arrays (no copy for CPU tensors)."""
         return {name: tensor.detach().cpu().numpy() for name, tensor in self.model.state_dict().items()}
 
+    def release(self) -> None:
+        """Called after every task: drop the gradients, which would otherwise stay allocated until the next
+        round (a model's worth of memory per site)."""
+        self.model.zero_grad(set_to_none=True)
+
     def set_weights(self, weights: Weights) -> None:
         """Load the server's weights into the model."""
         state = {name: torch.from_numpy(np.require(array, requirements="W")) for name, array in weights.items()}

@@ -54,12 +54,14 @@ class Outbox:
         self._flushing = False
         self._closed = False
         self.resends = 0
-        self._thread = threading.Thread(target=self._run, name=f"outbox-{site}", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first event: sites that never log have none
 
     def put(self, name: str, data: Any) -> None:
         """Queue one event; returns at once unless ``capacity`` events are already waiting."""
         with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"outbox-{self.site}", daemon=True)
+                self._thread.start()
             if len(self._pending) >= self._capacity:
                 log.warning("%s: %d events wait for the server; pausing the sender", self.site, self._capacity)
                 self._cond.wait_for(lambda: len(self._pending) < self._capacity or self._closed)
@@ -110,7 +112,8 @@ class Outbox:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         return flushed
 
     def _next_batch(self) -> EventBatch | None:

@@ -51,6 +51,8 @@ class Site:
             self.context.log.exception("%s in round %d failed", task.name, task.round)
             result = Result(task.id, site, error=f"{type(exc).__name__}: {exc}")
         finally:
+            if self._trainer is not None:
+                self._trainer.release()
             restore(token)
         if not self.outbox.flush(self._flush_timeout_s):
             self.context.log.warning(
