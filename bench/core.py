@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from measure import REPO, Measurement, cifar_root, fedstream, measure
+from measure import REPO, Measurement, cifar_root, fedstream, measure, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "core.md"
@@ -148,9 +148,7 @@ def main() -> None:
         f"| peak PSS (d) / (c) | {pss_ratio:.2f} | <= 1.2 |",
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(RESULTS, lines)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,10 @@ def cifar_root(out: Path) -> Path:
 
 def fedstream(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedstream", *args]
+
+
+def write_results(path: Path, lines: list[str]) -> None:
+    """Write a results page (Markdown) and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import REPO, cifar_root, fedstream, measure
+from measure import REPO, cifar_root, fedstream, measure, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "tracking.md"
@@ -115,7 +115,9 @@ def compare(data: Path, settings: list[str], tag: str) -> dict[str, dict[str, fl
             sys.exit(f"{job} failed ({measured.returncode}); see {OUT / f'{job}-{tag}.log'}")
         result = json.loads((ws / "result.json").read_text())
         rounds = sum(r["duration_s"] for r in result["rounds"])
-        out[job] = {"wall": measured.wall_s, "startup": result["timing"]["startup_s"], "rounds": rounds}
+        timing = result["timing"]
+        out[job] = {"wall": measured.wall_s, "startup": timing["startup_s"], "rounds": rounds,
+                    "server_cpu": timing["server_cpu_s"], "workers_cpu": timing["workers_cpu_s"]}  # fmt: skip
     return out
 
 
@@ -161,6 +163,9 @@ def main() -> None:
             f"| {name}: hello-pt-mlflow (logs every batch) training phase / whole run | "
             f"{job(name, 'hello-pt-mlflow', 'rounds'):.2f} s / {job(name, 'hello-pt-mlflow', 'wall'):.2f} s | |",
             f"| {name}: cost of per-batch logging, training phase | {cost(name, 'rounds'):+.1f} % | <= 5 % |",
+            f"| {name}: CPU s of the server / the workers, hello-pt -> hello-pt-mlflow | "
+            f"{job(name, 'hello-pt', 'server_cpu'):.1f} / {job(name, 'hello-pt', 'workers_cpu'):.1f} -> "
+            f"{job(name, 'hello-pt-mlflow', 'server_cpu'):.1f} / {job(name, 'hello-pt-mlflow', 'workers_cpu'):.1f} | |",
             f"| {name}: whole run, start-up included | {cost(name, 'wall'):+.1f} % | |",
         ]
     startup = (
@@ -190,9 +195,7 @@ def main() -> None:
         startup,
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(RESULTS, lines)
 
 
 if __name__ == "__main__":

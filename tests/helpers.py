@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,19 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
         env={**os.environ, **(env or {})},
         cwd=REPO,
     )
+
+
+def start_cli(*args: str, **popen: Any) -> subprocess.Popen[str]:
+    """Start ``python -m fedstream ARGS`` and return at once (for tests that act while it runs)."""
+    return subprocess.Popen([sys.executable, "-m", "fedstream", *args], cwd=REPO, text=True, **popen)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    """Poll ``condition`` until it holds: synchronisation on a state, never on a duration."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def read_result(workspace: Path) -> dict[str, Any]:

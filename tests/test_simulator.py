@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedstream.examples.hello_pt import SimpleNetwork
-from tests.helpers import REPO, hello_job, read_result, run_cli, write_job
+from tests.helpers import hello_job, read_result, run_cli, start_cli, wait_for, write_job
 
 KNOWN = """
 import os
@@ -223,19 +223,15 @@ def test_rerun_in_the_same_workspace_replaces_the_previous_run(tmp_path: Path) -
 def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     job = known_job(tmp_path, trainer_args='hang = ["site-1", "site-2"]')
     ws = tmp_path / "ws"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fedstream", "simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
+    process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q",
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     log = ws / "log.txt"
-    while not (log.is_file() and log.read_text().count(") hosts site-") == 2):
-        assert time.monotonic() < deadline and process.poll() is None, "workers never started"
-        time.sleep(0.05)
+
+    def workers_started() -> bool:
+        assert process.poll() is None, "the simulation ended before its workers started"
+        return log.is_file() and log.read_text().count(") hosts site-") == 2
+
+    wait_for(workers_started, "both workers to start")
     workers = [int(pid) for pid in re.findall(r"\(pid (\d+)\) hosts", log.read_text())]
     os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
     out, err = process.communicate(timeout=60)

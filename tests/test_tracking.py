@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import REPO, read_result, run_cli, write_job
+from tests.helpers import REPO, read_result, run_cli, start_cli, wait_for, write_job
 from tests.mlflow_server import MlflowServer, free_port
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -312,14 +310,6 @@ def test_the_hello_pt_tracking_jobs(tmp_path: Path, tiny_cifar: Path, job_name: 
     assert len(check.Scalars("train_loss")) == 2 * steps_per_round
 
 
-def wait_for(condition, what: str, timeout_s: float = 120) -> None:  # type: ignore[no-untyped-def]
-    """Poll ``condition`` until it holds (synchronisation on a state, not on a duration)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def gated_count(server: MlflowServer) -> int:
     client = MlflowClient(tracking_uri=server.url)
     try:
@@ -346,13 +336,8 @@ def test_tracking_server_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
         .replace("num_rounds = 2", "num_rounds = 3")
     )
     ws = tmp_path / "ws"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fedstream", "simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q",
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_for(lambda: gated_count(server) == 400, "round 1's records on the tracking server")
         server.stop()

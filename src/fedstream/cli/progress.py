@@ -24,7 +24,10 @@ def _bar(done: int, total: int) -> str:
 
 
 class LiveProgress:
-    """A live view: the current round, each task's sites done / running / failed, and running sites' times."""
+    """A live view: the current round, each task's sites done / running / failed, and running sites' times.
+
+    The view (and its refresh thread) starts with the first round, after the simulator has forked its workers.
+    """
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -43,13 +46,15 @@ class LiveProgress:
         bus.subscribe(TASK_DONE, self._task_done)
 
     def __enter__(self) -> LiveProgress:
-        self.live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.stop()
+        if self.live.is_started:
+            self.live.stop()
 
     def _round_started(self, event: Event) -> None:
+        if not self.live.is_started:
+            self.live.start()
         data: RoundStarted = event.data
         self.round, self.num_rounds = data.round, data.num_rounds
         self.phases = {}

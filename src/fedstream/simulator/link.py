@@ -47,6 +47,9 @@ def _prepare_to_fork() -> None:
     """
     import torch._dynamo  # noqa: F401
 
+    if threading.active_count() > 1:  # a forked child would inherit locks those threads may hold
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        log.warning("forking workers while other threads run (%s); start them after the workers", names)
     gc.freeze()
 
 

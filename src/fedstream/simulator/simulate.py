@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import secrets
 import time
 import traceback
@@ -113,9 +114,9 @@ def simulate(
     (ws.server / "job.toml").write_text(job.to_toml())
     logs.setup_server(ws.root, console)
     job_id = new_job_id()
-    log.info("job %s (%s): %d sites on %d workers, workspace %s", job.name, job_id, len(sites), threads, ws.root)
-
     workers = min(threads, len(sites))
+    log.info("job %s (%s): %d sites on %d workers, workspace %s", job.name, job_id, len(sites), workers, ws.root)
+
     config = job.to_dict()
     torch_threads = max(1, (os.cpu_count() or 1) // workers)
     specs = [
@@ -211,7 +212,7 @@ def simulate(
         "threads": workers,
         "rounds": [_round(summary) for summary in rounds],
         "models": {name: str(path) for name, path in models.items()},
-        "timing": {"total_s": round(time.monotonic() - began, 3), "startup_s": round(startup_s, 3)},
+        "timing": {"total_s": round(time.monotonic() - began, 3), "startup_s": round(startup_s, 3), **_cpu_times()},
         "tracking": tracking,
         "logs": {
             "combined": str(ws.log),
@@ -229,6 +230,15 @@ def _round(summary: RoundSummary) -> dict[str, Any]:
     data = asdict(summary)
     data["duration_s"] = round(summary.duration_s, 3)
     return data
+
+
+def _cpu_times() -> dict[str, float]:
+    """CPU seconds (user + system) of the server process and of the workers it has reaped."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "server_cpu_s": round(own.ru_utime + own.ru_stime, 3),
+        "workers_cpu_s": round(workers.ru_utime + workers.ru_stime, 3),
+    }
 
 
 def _event_counts(federation: Federation) -> dict[str, Any]:
