@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from measure import REPO, Measurement, cifar_root, fedstream, measure, write_results
+from measure import HELLO_A, REPO, Measurement, cifar_root, fedstream, measure, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "core.md"
@@ -69,17 +69,7 @@ def scenarios(data: Path) -> dict[str, list[str]]:
             "--lr",
             "0.001",
         ],
-        "a": hello(
-            OUT / "ws-a",
-            data,
-            2,
-            "server.workflow.args.num_rounds=2",
-            "client.trainer.args.epochs=1",
-            "client.trainer.args.data.partition=full",
-            "client.trainer.args.data.max_train_samples=5000",
-            "client.trainer.args.batch_size=4",
-            "client.trainer.args.lr=0.001",
-        ),
+        "a": hello(OUT / "ws-a", data, 2, *HELLO_A),
         "c": hello(OUT / "ws-c", data, 2, *tiny),
         "d": hello(OUT / "ws-d", data, 100, *tiny, "server.workflow.args.min_clients=2"),
     }

@@ -17,6 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+# Benchmark (a): hello-pt with 2 sites x 5,000 training images, 1 local epoch, 2 rounds, batch 4, lr 0.001,
+# validating on the 10,000 test images (--set overrides of the hello-pt jobs).
+HELLO_A = [
+    "server.workflow.args.num_rounds=2",
+    "client.trainer.args.epochs=1",
+    "client.trainer.args.data.partition=full",
+    "client.trainer.args.data.max_train_samples=5000",
+    "client.trainer.args.batch_size=4",
+    "client.trainer.args.lr=0.001",
+]
+
+
 @dataclass(frozen=True)
 class Measurement:
     wall_s: float

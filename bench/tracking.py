@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import REPO, cifar_root, fedstream, measure, write_results
+from measure import HELLO_A, REPO, cifar_root, fedstream, measure, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "tracking.md"
@@ -100,14 +100,7 @@ NOTES = [
 
 SETTINGS = {
     "batch 32 (the jobs' settings)": ["server.workflow.args.num_rounds=2", "client.trainer.args.epochs=1"],
-    "batch 4 (worst case)": [
-        "server.workflow.args.num_rounds=2",
-        "client.trainer.args.epochs=1",
-        "client.trainer.args.data.partition=full",
-        "client.trainer.args.data.max_train_samples=5000",
-        "client.trainer.args.batch_size=4",
-        "client.trainer.args.lr=0.001",
-    ],
+    "batch 4 (worst case)": HELLO_A,
 }
 
 

@@ -57,9 +57,6 @@ class EventBus:
         with self._lock:
             self._handlers = {**self._handlers, name: [*self._handlers.get(name, []), handler]}
 
-    def has_subscribers(self, name: str) -> bool:
-        return bool(self._handlers.get(name))
-
     def fire(self, event: Event) -> None:
         """Deliver ``event`` to its subscribers, in subscription order."""
         for handler in self._handlers.get(event.name, ()):

@@ -97,10 +97,6 @@ class SimulatorLink:
             for site in spec.sites:
                 self._placement[site] = handle
 
-    @property
-    def processes(self) -> list[BaseProcess]:
-        return [w.process for w in self._workers]
-
     def connect(self, endpoint: ServerEndpoint) -> None:
         """Start delivering what the workers send to ``endpoint``."""
         self._endpoint = endpoint

@@ -87,12 +87,6 @@ class Outbox:
                 self._sent_at = 0.0
             self._cond.notify_all()
 
-    def request_flush(self) -> None:
-        """Send whatever is waiting now, without waiting for the acknowledgement."""
-        with self._cond:
-            self._flushing = True
-            self._cond.notify_all()
-
     def flush(self, timeout_s: float) -> bool:
         """Send everything queued so far and wait for the server to acknowledge it; ``False`` on timeout."""
         with self._cond:

@@ -54,6 +54,12 @@ def _metric(site: SiteContext, key: Any, value: Any, step: Any, wall_time: float
     _emit(site, Record(METRIC, key, number, _step(site, key, step), wall_time))
 
 
+def _label(kind: str, key: Any, value: Any) -> None:
+    """A param or a tag: a checked name and a value stored as text."""
+    site = current_site()
+    _emit(site, Record(kind, check_key(key, f"{kind} name"), str(value), 0, time.time()))
+
+
 def _now(wall_time: Any, key: str) -> float:
     return time.time() if wall_time is None else check_time(wall_time, key)
 
@@ -81,9 +87,7 @@ class MLflowWriter:
 
     def log_param(self, key: str, value: Any) -> None:
         """Log a parameter (stored as text; logged once per run, a different later value is reported)."""
-        site = current_site()
-        key = check_key(key, "param name")
-        _emit(site, Record(PARAM, key, str(value), 0, time.time()))
+        _label(PARAM, key, value)
 
     def log_params(self, params: dict[str, Any]) -> None:
         for key, value in _mapping(params, "params").items():
@@ -91,9 +95,7 @@ class MLflowWriter:
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set a tag on the site's run (the last value wins)."""
-        site = current_site()
-        key = check_key(key, "tag name")
-        _emit(site, Record(TAG, key, str(value), 0, time.time()))
+        _label(TAG, key, value)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in _mapping(tags, "tags").items():
