@@ -28,7 +28,7 @@ from typing import Any
 from fedstream.errors import TrackingError
 from fedstream.events import ANALYTICS, ROUND_COMPLETED, Event
 from fedstream.server.receiver import JobInfo, JobOutcome, Receiver, ReceiverReport
-from fedstream.tracking.records import ARTIFACT, METRIC, PARAM, TAG, TEXT, Record, check_key, from_wire
+from fedstream.tracking.records import ARTIFACT, METRIC, PARAM, TAG, Record, check_key, from_wire
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,16 @@ class _Run:
 
     def pending(self) -> int:
         return len(self.metrics) + len(self.tags) + len(self.params) + len(self.files)
+
+    def queue(self, kind: str) -> deque[Record]:
+        """Where records of ``kind`` wait: metrics, tags and params apart; text and files together."""
+        if kind == METRIC:
+            return self.metrics
+        if kind == TAG:
+            return self.tags
+        if kind == PARAM:
+            return self.params
+        return self.files
 
 
 class MLflowReceiver(Receiver):
@@ -242,7 +252,7 @@ class MLflowReceiver(Receiver):
                 return
             run = self._runs.get(site) or self._runs.setdefault(site, _Run(site))
             for record in records:
-                self._queue_of(run, record.kind).append(record)
+                run.queue(record.kind).append(record)
             self._spooled += len(records)
             if len(run.metrics) >= MAX_METRICS:
                 self._cond.notify_all()
@@ -286,11 +296,14 @@ class MLflowReceiver(Receiver):
         failures = 0
         while True:
             with self._cond:
-                wait = self.flush_interval_s * (2 ** min(failures, 5))
-                self._cond.wait_for(lambda: self._stopping or self._full(), timeout=wait)
+                if failures:  # the backend failed: back off, whatever piles up meanwhile
+                    backoff = min(self.flush_interval_s * 2**failures, max(self.flush_interval_s, 30.0))
+                    self._cond.wait_for(lambda: self._stopping, timeout=backoff)
+                else:
+                    self._cond.wait_for(lambda: self._stopping or self._full(), timeout=self.flush_interval_s)
                 if self._stopping:
                     return
-            failures = 0 if self._flush() else failures + 1
+            failures = 0 if self._flush() else min(failures + 1, 10)
 
     def _full(self) -> bool:
         return any(len(run.metrics) >= MAX_METRICS for run in self._runs.values())
@@ -403,10 +416,6 @@ class MLflowReceiver(Receiver):
         }
         run.run_id = self._client.create_run(self._experiment_id, run_name=run.name, tags=tags).info.run_id
         self._report.details["child_run_ids"][run.name] = run.run_id
-
-    @staticmethod
-    def _queue_of(run: _Run, kind: str) -> deque[Record]:
-        return {METRIC: run.metrics, TAG: run.tags, PARAM: run.params, TEXT: run.files, ARTIFACT: run.files}[kind]
 
     def _written(self, count: int) -> None:
         with self._cond:
