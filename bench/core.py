@@ -14,14 +14,13 @@ otherwise slow the timed run.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
-from measure import HELLO_A, REPO, Measurement, cifar_root, fedstream, measure, write_results
+from measure import HELLO_A, REPO, Measurement, fedstream, measure, start, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "core.md"
@@ -76,14 +75,10 @@ def scenarios(data: Path) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    data = cifar_root(OUT)
+    repeat, data = start(__doc__, OUT)
     runs: dict[str, list[Measurement]] = {name: [] for name in "bacd"}
     commands = scenarios(data)
-    for i in range(args.repeat):
+    for i in range(repeat):
         for name, command in commands.items():
             timed = memory = None
             for sampled in (False, True):
@@ -114,9 +109,9 @@ def main() -> None:
     lines = [
         "# Core runtime benchmark",
         "",
-        f"Command: `python bench/core.py --repeat {args.repeat}` on {platform.node() or 'this machine'} "
+        f"Command: `python bench/core.py --repeat {repeat}` on {platform.node() or 'this machine'} "
         f"({platform.processor() or platform.machine()}, Python {platform.python_version()}); medians of "
-        f"{args.repeat} interleaved runs. CPU is user+sys of the whole process tree; peak PSS is summed over the "
+        f"{repeat} interleaved runs. CPU is user+sys of the whole process tree; peak PSS is summed over the "
         "tree, sampled every 50 ms in a separate run of each scenario.",
         "",
         "| scenario | wall s | CPU s | peak PSS MB | processes |",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import subprocess
@@ -107,6 +108,15 @@ def cifar_root(out: Path) -> Path:
             sys.exit(f"no CIFAR-10: set FEDSTREAM_CIFAR10 to a folder holding cifar-10-batches-py, or provide {tool}")
         subprocess.run([sys.executable, str(tool), str(root)], check=True)
     return root
+
+
+def start(doc: str, out: Path) -> tuple[int, Path]:
+    """Parse ``--repeat`` for a benchmark described by ``doc``; make ``out``; return (repeat, CIFAR-10 root)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    out.mkdir(parents=True, exist_ok=True)
+    return args.repeat, cifar_root(out)
 
 
 def fedstream(*args: str) -> list[str]:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import HELLO_A, REPO, cifar_root, fedstream, measure, write_results
+from measure import HELLO_A, REPO, fedstream, measure, start, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "tracking.md"
@@ -129,14 +128,10 @@ def compare(data: Path, settings: list[str], tag: str) -> dict[str, dict[str, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    data = cifar_root(OUT)
+    repeat, data = start(__doc__, OUT)
     raw, e2e = [], []
     pairs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in SETTINGS}
-    for i in range(args.repeat):
+    for i in range(repeat):
         raw.append(raw_log_batch())
         e2e.append(end_to_end(OUT / f"ws-burst-{i}"))
         for n, (name, settings) in enumerate(SETTINGS.items()):
@@ -183,8 +178,8 @@ def main() -> None:
     lines = [
         "# Tracking benchmark",
         "",
-        f"Command: `python bench/tracking.py --repeat {args.repeat}` on {platform.node() or 'this machine'} "
-        f"({platform.machine()}, Python {platform.python_version()}); medians of {args.repeat} runs, the baseline "
+        f"Command: `python bench/tracking.py --repeat {repeat}` on {platform.node() or 'this machine'} "
+        f"({platform.machine()}, Python {platform.python_version()}); medians of {repeat} runs, the baseline "
         "measured in the same run.",
         "",
         "| measure | value | target |",
