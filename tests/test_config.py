@@ -213,7 +213,7 @@ def test_client_names_are_checked() -> None:
     assert site_names(names=["a", "b"]) == ["a", "b"]
     with pytest.raises(ConfigError, match="repeated: a"):
         site_names(names=["a", "b", "a"])
-    with pytest.raises(ConfigError, match="not 'server'"):
+    with pytest.raises(ConfigError, match="it is reserved"):
         site_names(names=["server"])
     with pytest.raises(ConfigError, match="at least 1"):
         site_names(0)

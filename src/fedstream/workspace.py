@@ -14,13 +14,20 @@
         log.txt               site-1's records, including its trainer's tracebacks
 
 A workspace holds one run. Running again in it first removes what the previous run created (listed in
-``.fedstream-workspace``); a non-empty folder that fedstream did not create is refused.
+``.fedstream-workspace``); a non-empty folder that fedstream did not create is refused. Only direct entries
+of the folder are ever removed: a listed name that is not a plain file or folder name is skipped, and a
+symbolic link is removed itself, never followed.
+
+Site names become folder names here (and run names in the trackers), so :func:`check_site_name` allows
+only plain, portable names that cannot collide with the workspace's own entries.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +35,46 @@ from typing import Any
 
 from fedstream.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 MARKER = ".fedstream-workspace"
 RESULT = "result.json"
+LOG = "log.txt"
+SERVER = "server"
+MAX_SITE_NAME = 64
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Names a site cannot take: the workspace's own entries and the server's run in the trackers.
+RESERVED_NAMES = frozenset({SERVER, RESULT, RESULT + ".partial", LOG, "jobs"})
+
+
+def check_site_name(name: object) -> str:
+    """``name`` if it is a safe site name: 1-64 ASCII letters, digits, ``-``, ``_`` or ``.``, starting with a
+    letter or digit, not one of the workspace's own entries (compared without case, as some file systems do)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a site name must be a string, got {type(name).__name__}")
+    if not name or len(name) > MAX_SITE_NAME or not _SITE_NAME.match(name):
+        shown = name if len(name) <= MAX_SITE_NAME else name[:MAX_SITE_NAME] + "..."
+        raise ValueError(
+            f"bad site name {shown!r}: use 1 to {MAX_SITE_NAME} ASCII letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit"
+        )
+    if name.lower() in RESERVED_NAMES:
+        raise ValueError(f"bad site name {name!r}: it is reserved ({', '.join(sorted(RESERVED_NAMES))})")
+    return name
+
+
+def check_site_names(names: Sequence[str]) -> list[str]:
+    """Every name checked with :func:`check_site_name`, and unique even where case is ignored."""
+    checked = [check_site_name(name) for name in names]
+    seen: dict[str, str] = {}
+    repeated = []
+    for name in checked:
+        if name.lower() in seen:
+            repeated.append(name if seen[name.lower()] == name else f"{seen[name.lower()]}/{name}")
+        seen.setdefault(name.lower(), name)
+    if repeated:
+        raise ValueError(f"site names must be unique (ignoring case); repeated: {', '.join(repeated)}")
+    return checked
 
 
 class Workspace:
@@ -43,7 +88,7 @@ class Workspace:
         self.models = self.server / "models"
 
     def site(self, name: str) -> Path:
-        return self.root / name
+        return self.root / check_site_name(name)
 
     @classmethod
     def prepare(cls, root: str | os.PathLike[str], sites: Sequence[str]) -> Workspace:
@@ -58,14 +103,9 @@ class Workspace:
                     "the workspace folder is not empty and was not made by fedstream; choose a new or empty folder",
                     file=str(folder),
                 )
-            for name in marker.read_text().split():
-                target = folder / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
+            _remove_entries(folder, marker.read_text().split())
         workspace = cls(folder)
-        entries = ["server", RESULT, "log.txt", *sites]
+        entries = [SERVER, RESULT, LOG, *check_site_names(sites)]
         for path in (workspace.server, *(workspace.site(s) for s in sites)):
             path.mkdir(parents=True, exist_ok=True)
         marker.write_text("\n".join(entries) + "\n")
@@ -76,3 +116,16 @@ class Workspace:
         partial = self.result.with_suffix(".json.partial")
         partial.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(partial, self.result)
+
+
+def _remove_entries(folder: Path, names: list[str]) -> None:
+    """Remove the listed direct entries of ``folder``; anything that would reach outside it is skipped."""
+    for name in names:
+        if name in (".", "..", MARKER) or "/" in name or "\\" in name or Path(name).name != name:
+            log.warning("workspace %s: not removing %r, which is not an entry of the workspace", folder, name)
+            continue
+        target = folder / name
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)

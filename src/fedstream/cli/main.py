@@ -57,7 +57,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     from fedstream.simulator.simulate import simulate, site_names
 
     job = load_job(args.job, args.overrides)
-    names = args.client_names.split(",") if args.client_names else None
+    names = args.client_names.split(",") if args.client_names is not None else None
     sites = site_names(args.clients if args.clients is not None else (None if names else 2), names)
     threads = args.threads if args.threads is not None else min(len(sites), 2)
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING

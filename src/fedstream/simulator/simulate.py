@@ -30,11 +30,9 @@ from fedstream.server.receiver import JobInfo, JobOutcome, Receiver
 from fedstream.simulator.link import SimulatorLink
 from fedstream.simulator.worker import WorkerSpec
 from fedstream.workflows.base import RoundSummary, Workflow
-from fedstream.workspace import Workspace
+from fedstream.workspace import Workspace, check_site_names
 
 log = logging.getLogger(__name__)
-
-RESERVED_SITE_NAMES = {"server"}
 
 # Exit codes of a run.
 EXIT_OK = 0
@@ -54,18 +52,11 @@ class RunResult:
 
 def site_names(count: int | None = None, names: Sequence[str] | None = None) -> list[str]:
     """``site-1..site-N`` for a count, or the given names checked for uniqueness and spelling."""
-    if names:
-        chosen = [name.strip() for name in names]
-        for name in chosen:
-            if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name in RESERVED_SITE_NAMES:
-                raise ConfigError(
-                    f"bad client name {name!r}: use letters, digits, '-', '_', '.', and not 'server'",
-                    key="-c",
-                )
-        duplicates = sorted({name for name in chosen if chosen.count(name) > 1})
-        if duplicates:
-            raise ConfigError(f"client names must be unique; repeated: {', '.join(duplicates)}", key="-c")
-        return chosen
+    if names is not None:
+        try:
+            return check_site_names([name.strip() for name in names])
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="-c") from None
     if count is None or count < 1:
         raise ConfigError(f"the number of clients must be at least 1, got {count}", key="-n")
     return [f"site-{i}" for i in range(1, count + 1)]
