@@ -240,3 +240,114 @@ def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     assert result["status"] == "failed" and "interrupted" in result["error"]
     for pid in workers:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"orphan {pid}"
+
+
+TURNS = """
+import os
+import time
+
+import torch
+
+from fedstream import Trainer, TrainOutput, ValidationOutput
+
+
+class Square(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, 2))
+
+
+class TurnTrainer(Trainer):
+    \"\"\"Every task takes ``seconds``; ``hang`` sites hang and ``crash`` sites kill their worker in round 1.\"\"\"
+
+    def __init__(self, *, seconds: float = 0.0, hang: list[str] = [], crash: list[str] = []) -> None:
+        self.seconds, self.hang, self.crash = seconds, hang, crash
+
+    def train(self, task):
+        if task.round == 1 and self.site.name in self.hang:
+            time.sleep(600)
+        if task.round == 1 and self.site.name in self.crash:
+            os.kill(os.getpid(), 9)
+        time.sleep(self.seconds)
+        return TrainOutput(num_samples=1)
+
+    def validate(self, task):
+        return ValidationOutput(num_samples=1, metrics={"accuracy": 1.0})
+"""
+
+
+def turns_job(tmp_path: Path, *, rounds: int = 1, workflow_args: str = "", trainer_args: str = "") -> Path:
+    return write_job(
+        tmp_path / "turns",
+        f"""
+        name = "turns"
+        [model]
+        path = "turns.Square"
+        [server.workflow]
+        path = "fedstream.workflows.FedAvg"
+        [server.workflow.args]
+        num_rounds = {rounds}
+        min_clients = 2
+        {workflow_args}
+        [client.trainer]
+        path = "turns.TurnTrainer"
+        [client.trainer.args]
+        {trainer_args}
+        """,
+        {"turns.py": TURNS},
+    )
+
+
+def test_sites_waiting_for_their_turn_are_not_late(tmp_path: Path) -> None:
+    # 8 sites on 2 workers, 0.5 s each: the last ones start 1.5 s after the first two answered, far more than
+    # the 0.3 s grace; they are not late, since each takes no longer than the first ones did.
+    job = turns_job(tmp_path, workflow_args="wait_after_min_clients_s = 0.3", trainer_args="seconds = 0.5")
+    done, result = simulate(job, tmp_path / "ws", "-n", "8", "-t", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (round_,) = result["rounds"]
+    assert len(round_["clients"]) == 8 and round_["failed"] == {}
+    assert result["restarts"] == []
+
+
+def test_a_hung_site_is_stopped_and_the_sites_queued_behind_it_still_train(tmp_path: Path) -> None:
+    job = turns_job(tmp_path, rounds=2, workflow_args="task_timeout_s = 2.0", trainer_args='hang = ["site-1"]')
+    done, result = simulate(job, tmp_path / "ws", "-n", "4", "-t", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, second = result["rounds"]
+    assert first["clients"] == ["site-2", "site-3", "site-4"], "site-3 shares site-1's worker"
+    assert first["failed"] == {"site-1": "timed out after 2 s"}
+    assert second["clients"] == ["site-1", "site-2", "site-3", "site-4"] and second["failed"] == {}
+    (restart,) = result["restarts"]
+    assert restart["worker"] == 0 and restart["sites"] == ["site-1", "site-3"]
+
+
+def test_a_dead_worker_is_restarted_and_its_sites_rejoin(tmp_path: Path) -> None:
+    job = turns_job(tmp_path, rounds=2, trainer_args='crash = ["site-2"]')
+    done = run_cli("simulate", str(job), "-w", str(tmp_path / "ws"), "-n", "4", "-t", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = read_result(tmp_path / "ws")
+    first, second = result["rounds"]
+    assert first["failed"] == {"site-2": "its worker process exited unexpectedly (exit code -9)"}
+    assert first["clients"] == ["site-1", "site-3", "site-4"], "site-4 shares site-2's worker"
+    assert second["clients"] == ["site-1", "site-2", "site-3", "site-4"]
+    (restart,) = result["restarts"]
+    assert restart["worker"] == 1 and "exited with code -9" in restart["reason"]
+    assert "restarted   worker 1" in done.stdout
+
+
+def test_a_thousand_sites_take_turns_with_default_settings(tmp_path: Path, tiny_cifar: Path) -> None:
+    job = hello_job(
+        tmp_path / "job",
+        tiny_cifar,
+        extra="max_train_samples = 64\nmax_val_samples = 64\n",
+    )
+    done, result = simulate(
+        job,
+        tmp_path / "ws",
+        "-n", "1000", "-t", "2",
+        "--set", "client.trainer.args.data.partition=full",
+        "--set", "server.workflow.args.min_clients=2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (round_,) = result["rounds"]
+    assert len(round_["clients"]) == 1000 and round_["failed"] == {}

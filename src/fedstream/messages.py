@@ -51,11 +51,15 @@ class Result:
 
 @dataclass(frozen=True)
 class EventBatch:
-    """Consecutive events of one site, numbered from ``first_seq``; each event is ``(name, data)``."""
+    """Consecutive events of one site, numbered from ``first_seq``; each event is ``(name, data)``.
+
+    ``session`` names the sender's outbox: a site set up again (its worker restarted) numbers from 1 anew.
+    """
 
     site: str
     first_seq: int
     events: list[tuple[str, Any]]
+    session: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,20 @@ class EventAck:
 
 
 @dataclass(frozen=True)
+class Ready:
+    """The sender is set up and takes tasks for ``sites``."""
+
+    sites: list[str]
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """The server is done; the receiver should finish and exit."""
 
     reason: str = ""
 
 
-Message = Task | Result | EventBatch | EventAck | Shutdown
+Message = Task | Result | EventBatch | EventAck | Ready | Shutdown
 
 _HEADER = struct.Struct("<I")
 
@@ -107,9 +118,12 @@ def encode(message: Message) -> bytes:
             "site": message.site,
             "first_seq": message.first_seq,
             "events": message.events,
+            "session": message.session,
         }
     elif isinstance(message, EventAck):
         header = {"type": "ack", "site": message.site, "seq": message.seq}
+    elif isinstance(message, Ready):
+        header = {"type": "ready", "sites": message.sites}
     elif isinstance(message, Shutdown):
         header = {"type": "shutdown", "reason": message.reason}
     else:
@@ -149,9 +163,16 @@ def decode(frame: bytes) -> Message:
             )
         if kind == "events":
             events = [(str(name), data) for name, data in header["events"]]
-            return EventBatch(site=str(header["site"]), first_seq=int(header["first_seq"]), events=events)
+            return EventBatch(
+                site=str(header["site"]),
+                first_seq=int(header["first_seq"]),
+                events=events,
+                session=str(header.get("session", "")),
+            )
         if kind == "ack":
             return EventAck(site=str(header["site"]), seq=int(header["seq"]))
+        if kind == "ready":
+            return Ready(sites=[str(site) for site in header["sites"]])
         if kind == "shutdown":
             return Shutdown(reason=str(header["reason"]))
         raise TransportError(f"unknown message type {kind!r}")

@@ -123,6 +123,8 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
             lines.append(f"{name:<11} {info['view']}")
             if info["view"].startswith("mlflow ui") and importlib.util.find_spec("flask") is None:
                 lines.append(f"{'':<11} (mlflow ui needs the full mlflow package: pip install mlflow)")
+    for restart in result.get("restarts", []):
+        lines.append(f"restarted   worker {restart['worker']} ({restart['reason']}): {', '.join(restart['sites'])}")
     for line in lines:  # whole lines, so that commands and paths can be copied
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     for name, info in result["tracking"].items():

@@ -133,29 +133,31 @@ class Federation:
 
 
 class Dispatch:
-    """The outstanding tasks of one :meth:`Federation.dispatch` call."""
+    """The outstanding tasks of one :meth:`Federation.dispatch` call.
+
+    Every deadline of a task counts from the moment the task started at its site, never from the dispatch: a
+    site that waits for its turn (the simulator runs a few sites at a time) is not late. A task is given up
+    when it runs longer than ``timeout_s``, or, once :meth:`give_up_late` was called, when it runs longer
+    than the sites that already answered by more than the grace period.
+    """
 
     def __init__(self, federation: Federation, tasks: dict[str, Task], timeout_s: float) -> None:
         self._federation = federation
         self._tasks = tasks
         self._timeout_s = timeout_s
         self._started: dict[str, float] = {}
+        self._late_after_s: float | None = None  # a started task is late after running this long
+        self._late_reason = ""
         self.pending = set(tasks)
 
-    def next_reply(self, wait_s: float | None = None) -> Reply | None:
-        """The next reply, a timeout reply for a task past its deadline, or ``None`` after ``wait_s`` seconds."""
-        give_up = None if wait_s is None else time.monotonic() + wait_s
+    def next_reply(self) -> Reply | None:
+        """The next reply (a result, or a task given up at its deadline); ``None`` when nothing is pending."""
         while self.pending:
             now = time.monotonic()
             expired = self._expired(now)
             if expired is not None:
                 return expired
-            timeout = self._until_next_deadline(now)
-            if give_up is not None:
-                if now >= give_up:
-                    return None
-                timeout = give_up - now if timeout is None else min(timeout, give_up - now)
-            item = self._federation._next_inbound(timeout)
+            item = self._federation._next_inbound(self._until_next_deadline(now))
             if item is None:
                 continue
             kind, task_id, result, at = item
@@ -174,6 +176,15 @@ class Dispatch:
             return self._done(Reply(task.site, task.name, task.round, result, result.error, at - began))
         return None
 
+    def give_up_late(self, longest_s: float, grace_s: float) -> None:
+        """From now on, give up a task that runs ``grace_s`` longer than ``longest_s`` (what the sites that
+        answered took), counted from its own start."""
+        self._late_after_s = longest_s + grace_s
+        self._late_reason = (
+            f"left out: still running {grace_s:g} s after the sites that answered had finished "
+            "(wait_after_min_clients_s)"
+        )
+
     def cancel(self) -> None:
         """Give up on the tasks still pending; their late results will be ignored."""
         self._federation._cancel(self.pending)
@@ -183,28 +194,29 @@ class Dispatch:
         self._federation.bus.fire(Event(TASK_DONE, reply))
         return reply
 
-    def _expired(self, now: float) -> Reply | None:
-        if not self._timeout_s:
+    def _deadline(self, task_id: str) -> tuple[float, str] | None:
+        """When a started task is given up, and why; ``None`` for no deadline."""
+        began = self._started.get(task_id)
+        if began is None:
             return None
-        for task_id, began in self._started.items():
-            if task_id in self.pending and now - began >= self._timeout_s:
+        limits = []
+        if self._timeout_s:
+            limits.append((began + self._timeout_s, f"timed out after {self._timeout_s:g} s"))
+        if self._late_after_s is not None:
+            limits.append((began + self._late_after_s, self._late_reason))
+        return min(limits) if limits else None
+
+    def _expired(self, now: float) -> Reply | None:
+        for task_id in sorted(self.pending):
+            deadline = self._deadline(task_id)
+            if deadline is not None and now >= deadline[0]:
                 self.pending.discard(task_id)
                 self._federation._cancel({task_id})
                 task = self._tasks[task_id]
-                return self._done(
-                    Reply(
-                        task.site,
-                        task.name,
-                        task.round,
-                        None,
-                        f"timed out after {self._timeout_s:g} s",
-                        now - began,
-                    )
-                )
+                duration = now - self._started[task_id]
+                return self._done(Reply(task.site, task.name, task.round, None, deadline[1], duration))
         return None
 
     def _until_next_deadline(self, now: float) -> float | None:
-        if not self._timeout_s:
-            return None
-        deadlines = [began + self._timeout_s for task_id, began in self._started.items() if task_id in self.pending]
+        deadlines = [d[0] for task_id in self.pending if (d := self._deadline(task_id)) is not None]
         return max(0.0, min(deadlines) - now) if deadlines else None

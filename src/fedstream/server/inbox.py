@@ -2,7 +2,8 @@
 
 Each site numbers its events from 1. A batch may repeat events already handled (a resend after a lost
 acknowledgement): those are skipped. A batch that starts past the next expected number (a lost batch) is
-not handled; the acknowledgement tells the site where to resume.
+not handled; the acknowledgement tells the site where to resume. A batch from a new ``session`` of a site
+(set up again after its worker restarted) starts the numbering anew.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Inbox:
     def __init__(self, bus: EventBus) -> None:
         self._bus = bus
         self._handled: dict[str, int] = defaultdict(int)
+        self._sessions: dict[str, str] = {}
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self.received: dict[str, int] = defaultdict(int)
         self.duplicates: dict[str, int] = defaultdict(int)
@@ -30,6 +32,10 @@ class Inbox:
     def receive(self, site: str, batch: EventBatch) -> int:
         """Fire the new events of ``batch`` as coming from ``site``; returns the last sequence number handled."""
         with self._locks[site]:
+            if self._sessions.setdefault(site, batch.session) != batch.session:
+                log.warning("%s: a new session of the site's events (it was set up again) starts from #1", site)
+                self._sessions[site] = batch.session
+                self._handled[site] = 0
             handled = self._handled[site]
             skip = handled + 1 - batch.first_seq
             if skip < 0:

@@ -2,9 +2,13 @@
 
 Each site lives on one worker (site ``i`` on worker ``i mod T``) for the whole job, so its trainer keeps
 its state between rounds. A worker runs one task at a time; the link keeps each worker's queue and hands it
-the next task when the previous result arrives, which is when that task's timeout starts. A worker is
-trusted to speak only for the sites it hosts: anything else it sends is rejected. If a worker dies, its
-tasks come back as failures naming its exit code.
+the next task when the previous result arrives, which is when that task's deadlines start. A worker is
+trusted to speak only for the sites it hosts: anything else it sends is rejected.
+
+A worker that dies fails the task it was running (naming its exit code) and is started again; a worker
+whose running task is given up (timed out, left out) is stopped and started again, so that the sites queued
+behind it get their turn. A restarted worker sets its sites up anew. Restarts are started with ``spawn``:
+forking a process that runs threads can inherit locks held by them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from multiprocessing.process import BaseProcess
 
 from fedstream.errors import TransportError
 from fedstream.link import ServerEndpoint
-from fedstream.messages import EventAck, EventBatch, Result, Shutdown, Task, decode, encode
+from fedstream.messages import EventAck, EventBatch, Ready, Result, Shutdown, Task, decode, encode
 from fedstream.simulator import worker
 
 log = logging.getLogger(__name__)
@@ -54,15 +58,19 @@ def _prepare_to_fork() -> None:
 
 
 class _Worker:
-    def __init__(self, index: int, process: BaseProcess, conn: Connection, sites: set[str]) -> None:
-        self.index = index
+    """One incarnation of worker ``spec.index``: its process, its pipe, its queue."""
+
+    def __init__(self, spec: worker.WorkerSpec, process: BaseProcess, conn: Connection) -> None:
+        self.spec = spec
+        self.index = spec.index
         self.process = process
         self.conn = conn
-        self.sites = sites
+        self.sites = set(spec.sites)
         self.queue: deque[Task] = deque()
         self.running: Task | None = None
-        self.abandoned = False  # ``running`` was cancelled (timed out): the worker is stuck until it returns
+        self.ready = False  # the worker said it is set up: tasks go to it from then on
         self.dead = False
+        self.retired = False  # replaced by a new incarnation: its exit is expected
         self.send_lock = threading.Lock()
         self.reader: threading.Thread | None = None
 
@@ -75,68 +83,70 @@ class SimulatorLink:
     """A :class:`~fedstream.link.ServerLink` over worker processes."""
 
     def __init__(self, specs: Sequence[worker.WorkerSpec]) -> None:
-        context = multiprocessing.get_context(start_method())
         if start_method() == "fork":
             _prepare_to_fork()
         self._lock = threading.Lock()
         self._endpoint: ServerEndpoint | None = None
-        self._workers: list[_Worker] = []
-        self._placement: dict[str, _Worker] = {}
-        for spec in specs:
-            ours, theirs = context.Pipe()
-            process = context.Process(  # type: ignore[attr-defined]
-                target=worker.main,
-                args=(spec.to_json(), theirs),
-                name=f"fedstream-worker-{spec.index}",
-                daemon=True,
-            )
-            process.start()
-            theirs.close()
-            handle = _Worker(spec.index, process, ours, set(spec.sites))
-            self._workers.append(handle)
-            for site in spec.sites:
-                self._placement[site] = handle
+        self._closing = False
+        self._workers = [self._start(spec, start_method()) for spec in specs]
+        self._placement = {site: w for w, spec in enumerate(specs) for site in spec.sites}
+        self.restarts: list[dict[str, object]] = []
+
+    @staticmethod
+    def _start(spec: worker.WorkerSpec, method: str) -> _Worker:
+        context = multiprocessing.get_context(method)
+        ours, theirs = context.Pipe()
+        process = context.Process(  # type: ignore[attr-defined]
+            target=worker.main,
+            args=(spec.to_json(), theirs),
+            name=f"fedstream-worker-{spec.index}",
+            daemon=True,
+        )
+        process.start()
+        theirs.close()
+        return _Worker(spec, process, ours)
 
     def connect(self, endpoint: ServerEndpoint) -> None:
         """Start delivering what the workers send to ``endpoint``."""
         self._endpoint = endpoint
         for handle in self._workers:
-            handle.reader = threading.Thread(
-                target=self._read, args=(handle,), name=f"worker-{handle.index}-reader", daemon=True
-            )
-            handle.reader.start()
+            self._start_reader(handle)
+
+    def _start_reader(self, handle: _Worker) -> None:
+        handle.reader = threading.Thread(
+            target=self._read, args=(handle,), name=f"worker-{handle.index}-reader", daemon=True
+        )
+        handle.reader.start()
 
     # -- ServerLink ------------------------------------------------------------------------------------
     def send(self, task: Task) -> None:
-        handle = self._placement[task.site]
         with self._lock:
+            handle = self._workers[self._placement[task.site]]
             handle.queue.append(task)
             self._next(handle)
 
     def cancel(self, task_ids: set[str]) -> None:
+        """Forget queued tasks; a worker running one of them is stopped and started again."""
         with self._lock:
-            for handle in self._workers:
+            for handle in list(self._workers):
                 handle.queue = deque(task for task in handle.queue if task.id not in task_ids)
                 if handle.running is not None and handle.running.id in task_ids:
-                    handle.abandoned = True
-                    self._next(handle)
+                    self._restart(handle, f"{handle.running.site}'s {handle.running.name} task was given up")
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Ask every worker to deliver its remaining events and exit; stop any that do not within ``timeout_s``.
 
         Each worker's reader thread delivers what the worker still sends, then reaps it when its pipe closes.
         """
+        with self._lock:
+            self._closing = True
         for handle in self._workers:
             with contextlib.suppress(OSError):  # an already dead worker is reaped below
                 handle.send(encode(Shutdown("job finished")))
         deadline = time.monotonic() + timeout_s
         for handle in self._workers:
-            if handle.abandoned:
-                log.warning(
-                    "worker %d still runs a task that timed out (%s); stopping it",
-                    handle.index,
-                    handle.running,
-                )
+            if handle.running is not None:
+                log.warning("worker %d still runs %s's task; stopping it", handle.index, handle.running.site)
                 self._kill(handle)
             if handle.reader is not None:
                 handle.reader.join(max(0.0, deadline - time.monotonic()))
@@ -146,6 +156,8 @@ class SimulatorLink:
 
     def terminate(self) -> None:
         """Stop all workers now (Ctrl-C)."""
+        with self._lock:
+            self._closing = True
         for handle in self._workers:
             self._kill(handle)
 
@@ -158,11 +170,23 @@ class SimulatorLink:
             handle.process.join(5)
 
     # -- internals -------------------------------------------------------------------------------------
+    def _restart(self, handle: _Worker, reason: str) -> None:
+        """Under the lock: replace ``handle`` by a new incarnation that takes over its queue."""
+        handle.retired = True
+        self._kill(handle)
+        sites = sorted(handle.sites, key=handle.spec.sites.__getitem__)
+        log.warning("worker %d restarts (%s); its sites %s set up again", handle.index, reason, ", ".join(sites))
+        self.restarts.append({"worker": handle.index, "sites": sites, "reason": reason})
+        fresh = self._start(handle.spec, "spawn")
+        fresh.queue = handle.queue
+        handle.queue = deque()
+        self._workers[handle.index] = fresh
+        self._start_reader(fresh)
+        self._next(fresh)
+
     def _next(self, handle: _Worker) -> None:
-        """Under the lock: give an idle worker its next task (or fail it at once if the worker is gone)."""
-        if handle.dead or handle.abandoned:
-            self._fail(handle, list(handle.queue))
-            handle.queue.clear()
+        """Under the lock: give an idle worker its next task."""
+        if handle.dead or not handle.ready:
             return
         if handle.running is not None or not handle.queue:
             return
@@ -187,7 +211,11 @@ class SimulatorLink:
             except TransportError as exc:
                 log.error("worker %d sent a malformed message: %s", handle.index, exc)
                 continue
-            if isinstance(message, Result):
+            if isinstance(message, Ready):
+                with self._lock:
+                    handle.ready = True
+                    self._next(handle)
+            elif isinstance(message, Result):
                 self._on_result(handle, message)
             elif isinstance(message, EventBatch):
                 if message.site not in handle.sites:
@@ -216,25 +244,24 @@ class SimulatorLink:
                 )
                 return
             handle.running = None
-            handle.abandoned = False
             self._next(handle)
         self._endpoint.result_received(running.site, result)
 
     def _on_exit(self, handle: _Worker) -> None:
-        """The worker's pipe closed: fail whatever it was running or had queued, and anything sent later."""
+        """The worker's pipe closed: fail the task it was running; restart it unless the job is ending."""
         handle.process.join(5)
+        assert self._endpoint is not None
         with self._lock:
             handle.dead = True
-            self._fail(handle, ([handle.running] if handle.running else []) + list(handle.queue))
-            handle.running, handle.queue = None, deque()
-
-    def _fail(self, handle: _Worker, tasks: list[Task]) -> None:
-        """Under the lock: answer ``tasks`` with the reason their worker cannot run them."""
-        assert self._endpoint is not None
-        if handle.dead:
+            if handle.retired:
+                return
+            running, handle.running = handle.running, None
             reason = f"its worker process exited unexpectedly (exit code {handle.process.exitcode})"
-        else:
-            running = handle.running.site if handle.running else "another site"
-            reason = f"its worker is still busy with a task of {running} that timed out"
-        for task in tasks:
-            self._endpoint.result_received(task.site, Result(task.id, task.site, error=reason))
+            if running is not None:
+                self._endpoint.result_received(running.site, Result(running.id, running.site, error=reason))
+            if self._closing:
+                for task in handle.queue:
+                    self._endpoint.result_received(task.site, Result(task.id, task.site, error=reason))
+                handle.queue.clear()
+                return
+            self._restart(handle, f"worker exited with code {handle.process.exitcode}")

@@ -201,6 +201,7 @@ def simulate(
         "error": error or None,
         "clients": list(sites),
         "threads": workers,
+        "restarts": link.restarts,
         "rounds": [_round(summary) for summary in rounds],
         "models": {name: str(path) for name, path in models.items()},
         "timing": {"total_s": round(time.monotonic() - began, 3), "startup_s": round(startup_s, 3), **_cpu_times()},

@@ -23,7 +23,7 @@ import torch
 from fedstream import logs
 from fedstream.config import load_job_data
 from fedstream.events import EventBus
-from fedstream.messages import EventAck, EventBatch, Result, Shutdown, Task, decode, encode
+from fedstream.messages import EventAck, EventBatch, Ready, Result, Shutdown, Task, decode, encode
 from fedstream.site.context import SiteContext
 from fedstream.site.runtime import Site
 
@@ -123,6 +123,7 @@ def main(spec_json: str, conn: Connection) -> None:
 
     threading.Thread(target=read, name="pipe-reader", daemon=True).start()
     log.info("worker %d (pid %d) hosts %s", spec.index, os.getpid(), ", ".join(spec.sites))
+    conn.send_bytes(encode(Ready(list(spec.sites))))
     while (task := tasks.get()) is not None:
         if task.site not in spec.sites:
             link.send_result(

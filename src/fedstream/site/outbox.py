@@ -10,6 +10,7 @@ keeps each batch until the server acknowledges it, and resends it if no acknowle
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -40,6 +41,7 @@ class Outbox:
         capacity: int = 1_000_000,
     ) -> None:
         self.site = site
+        self.session = secrets.token_hex(4)
         self._send = send
         self._batch_size = batch_size
         self._max_delay_s = max_delay_s
@@ -83,7 +85,7 @@ class Outbox:
             if done >= len(batch.events):
                 self._inflight = None
             else:  # partly handled: resend the rest
-                self._inflight = EventBatch(self.site, seq + 1, batch.events[done:])
+                self._inflight = EventBatch(self.site, seq + 1, batch.events[done:], self.session)
                 self._sent_at = 0.0
             self._cond.notify_all()
 
@@ -137,7 +139,7 @@ class Outbox:
         count = min(self._batch_size, len(self._pending))
         events = [self._pending.popleft() for _ in range(count)]
         self._oldest = now
-        self._inflight = EventBatch(self.site, self._acked + 1, events)
+        self._inflight = EventBatch(self.site, self._acked + 1, events, self.session)
         return self._inflight
 
     def _run(self) -> None:

@@ -51,7 +51,8 @@ class FedAvg(Workflow):
         clients_per_round: sites sampled per round: an integer count, or a float fraction in (0, 1].
         seed: seed of the per-round sampling.
         task_timeout_s: a site that has not answered a task within this many seconds is left out; 0 waits forever.
-        wait_after_min_clients_s: once ``min_clients`` answered, how long to wait for the rest.
+        wait_after_min_clients_s: once ``min_clients`` sites answered, a site still running this much longer than
+            they took (from its own start: a site waiting for its turn is not late) is left out of the round.
         validate_on: which sites validate each new global model: ``all`` sites or the round's ``sampled`` ones.
         key_metric: the validation metric that picks the best model.
         key_metric_mode: whether a ``max`` or a ``min`` of the key metric is best.
@@ -208,17 +209,14 @@ class FedAvg(Workflow):
         needed = min(self.min_clients, len(sites))
         dispatch = federation.dispatch(task, round, self.num_rounds, weights, sites, self.task_timeout_s)
         replies = RoundReplies()
-        enough_at: float | None = None
-        while dispatch.pending:
-            wait = None if enough_at is None else max(0.0, enough_at + self.wait_after_min_clients_s - time.monotonic())
-            reply = dispatch.next_reply(wait)
-            if reply is None:
-                log.info("round %d: %s: stopped waiting for %d site(s)", round, task, len(dispatch.pending))
-                break
-            if not replies.take(reply, accept):
+        longest = 0.0
+        while (reply := dispatch.next_reply()) is not None:
+            if replies.take(reply, accept):
+                longest = max(longest, reply.duration_s)
+                if len(replies.sites) == needed:
+                    dispatch.give_up_late(longest, self.wait_after_min_clients_s)
+            else:
                 log.warning("round %d: %s at %s failed: %s", round, task, reply.site, reply.error)
-            if len(replies.sites) >= needed and enough_at is None:
-                enough_at = time.monotonic()
             if len(replies.sites) + len(dispatch.pending) < needed:
                 break
         dispatch.cancel()
