@@ -122,6 +122,15 @@ def test_nan_and_infinity_pass_through(records: list[Record]) -> None:
         (lambda w: w.log_text("x", "C:/x.txt"), ValueError, "relative POSIX path"),
         (lambda w: w.log_text("x", "a\\b.txt"), ValueError, "relative POSIX path"),
         (lambda w: w.log_text(b"bytes", "a.txt"), TypeError, "text must be a str"),
+        (lambda w: w.log_metric("loss", 1.0, timestamp=1e20), ValueError, "the year 9999"),
+        (lambda w: w.log_metric("loss", 1.0, timestamp=-1), ValueError, "milliseconds since the epoch"),
+        (lambda w: w.log_metrics({"a": 1.0}, timestamp=2**70), ValueError, "the year 9999"),
+        (lambda w: w.log_metric("loss", 1.0, timestamp="now"), TypeError, "milliseconds since the epoch"),
+        (lambda w: w.log_metric("loss", 1.0, step=2**63), ValueError, "step must be"),
+        (lambda w: w.log_metric("loss", 10**400), ValueError, "too large for a float"),
+        (lambda w: w.log_metric("loss", 1j), TypeError, "value must be a number, got complex"),
+        (lambda w: SummaryWriter().add_scalar("x", 1.0, walltime=1e15), ValueError, "the year 9999"),
+        (lambda w: SummaryWriter().add_scalar("x", 1.0, walltime=float("inf")), ValueError, "the year 9999"),
     ],
 )
 def test_bad_calls_fail_at_the_call_site(records: list[Record], call, error: type, words: str) -> None:  # type: ignore[no-untyped-def]

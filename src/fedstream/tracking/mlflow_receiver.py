@@ -309,14 +309,18 @@ class MLflowReceiver(Receiver):
         return any(len(run.metrics) >= MAX_METRICS for run in self._runs.values())
 
     def _flush(self) -> bool:
-        """Write everything buffered; ``False`` if the backend failed and records are still waiting."""
+        """Write everything buffered; ``False`` if the backend is down and records are still waiting.
+
+        A request the backend refuses while it answers otherwise costs only the records it holds (see
+        :meth:`_write`); only a backend that does not answer stops the pass, since every run would fail alike.
+        """
         with self._cond:
             runs = [run for run in self._runs.values() if run.pending()]
         try:
             for run in runs:
                 self._flush_run(run)
-        except Exception as exc:  # connection trouble, server errors: keep the records, try again later
-            reason = _describe(exc)
+        except _BackendDown as down:
+            reason = _describe(down.cause)
             if reason != self._last_error:
                 log.warning("MLflow at %s failed (%s); holding %d records, retrying", self._uri, reason, self._spooled)
             self._last_error = reason
@@ -330,7 +334,17 @@ class MLflowReceiver(Receiver):
         from mlflow.entities import Metric, Param, RunTag
 
         if not run.run_id:
-            self._create_child(run)
+            try:
+                self._create_child(run)
+            except Exception as exc:
+                self._check_refused(exc)
+                with self._cond:
+                    lost = run.pending()
+                    for queue in (run.metrics, run.tags, run.params, run.files):
+                        queue.clear()
+                    self._spooled -= lost
+                self._drop(lost, f"{run.name}: MLflow refused to create the site's run: {_describe(exc)}")
+                return
         while run.params:
             with self._cond:
                 taken = [run.params[i] for i in range(min(MAX_PARAMS_OR_TAGS, len(run.params)))]
@@ -361,8 +375,7 @@ class MLflowReceiver(Receiver):
                 self._client.log_text(run.run_id, str(record.value), path)
                 self._written(1)
             except Exception as exc:
-                if _transient(exc):
-                    raise
+                self._check_refused(exc)
                 self._drop(1, f"{run.name}: MLflow refused the text {path!r}: {_describe(exc)}")
             self._done(run.files, 1)
 
@@ -388,22 +401,37 @@ class MLflowReceiver(Receiver):
                 self._drop(1, f"{run.name}: param {record.key!r} is {first!r}; the new value {value!r} was not logged")
         return list(fresh.values())
 
-    def _write(self, run: _Run, records: list[Record], request: Any) -> None:
-        """``log_batch`` the records. A batch MLflow refuses is retried record by record, so a bad record
-        costs only itself; transient failures propagate and the caller keeps the records."""
+    def _write(self, run: _Run, records: list[Record], request: Any, *, retried: bool = False) -> None:
+        """``log_batch`` the records. A batch the backend refuses is split until the records it refuses are
+        found: they alone are dropped and reported. :class:`_BackendDown` propagates: the caller keeps them."""
         if not records:
             return
         try:
             self._client.log_batch(run.run_id, **request(records))
             self._written(len(records))
         except Exception as exc:
-            if _transient(exc):
-                raise
-            if len(records) == 1:
+            self._check_refused(exc)
+            if len(records) > 1:
+                half = len(records) // 2
+                self._write(run, records[:half], request)
+                self._write(run, records[half:], request)
+            elif not retried:  # the backend answers: try once more in case the failure was a passing one
+                self._write(run, records, request, retried=True)
+            else:
                 self._drop(1, f"{run.name}: MLflow refused {records[0].kind} {records[0].key!r}: {_describe(exc)}")
-                return
-            for record in records:
-                self._write(run, [record], request)
+
+    def _check_refused(self, exc: Exception) -> None:
+        """Return if the backend refused this request but still answers; raise :class:`_BackendDown` otherwise.
+
+        MLflow reports a record it cannot store (an SQLite integer overflow, say) with the same
+        ``INTERNAL_ERROR`` as a server that is down, so a cheap request tells which it was.
+        """
+        if not _transient(exc):
+            return
+        try:
+            self._client.get_experiment(self._experiment_id)
+        except Exception as probe:
+            raise _BackendDown(exc) from probe
 
     def _create_child(self, run: _Run) -> None:
         tags = {
@@ -428,6 +456,14 @@ class MLflowReceiver(Receiver):
             if reason and reason not in self._report.errors and len(self._report.errors) < 20:
                 self._report.errors.append(reason)
                 log.error("MLflow: %s", reason)
+
+
+class _BackendDown(Exception):
+    """The backend does not answer: every pending record waits for the next try."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:

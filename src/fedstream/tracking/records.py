@@ -21,6 +21,7 @@ KINDS = (METRIC, PARAM, TAG, TEXT, ARTIFACT)
 
 MAX_KEY_LENGTH = 250
 MAX_STEP = 2**63 - 1
+MAX_TIME_S = 253_402_300_799  # 9999-12-31 23:59:59 UTC: every backend stores it (MLflow: int64 milliseconds)
 _KEY = re.compile(r"^[/\w.\- :]*$")
 _valid_keys: set[str] = set()
 
@@ -62,10 +63,10 @@ def check_value(value: Any, key: str) -> float:
         return value
     if isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"metric {key!r}: value must be a number, got {type(value).__name__} {value!r}")
-    if isinstance(value, numbers.Real):
-        return float(value)
     try:
-        return float(value)  # numpy scalars, 0-d / one-element tensors
+        return float(value)  # numbers, numpy scalars, 0-d / one-element tensors
+    except OverflowError:
+        raise ValueError(f"metric {key!r}: value {value!r:.60} is too large for a float") from None
     except (TypeError, ValueError):
         raise TypeError(f"metric {key!r}: value must be a number, got {type(value).__name__}") from None
 
@@ -93,13 +94,29 @@ def check_path(path: Any) -> str:
 
 
 def check_time(wall_time: Any, key: str) -> float:
-    """A wall-clock time in seconds since the epoch, finite and not negative."""
+    """A wall-clock time in seconds since the epoch, from 0 to the end of the year 9999."""
     if isinstance(wall_time, bool) or not isinstance(wall_time, numbers.Real):
         raise TypeError(f"{key!r}: time must be a number of seconds, got {type(wall_time).__name__}")
     seconds = float(wall_time)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{key!r}: time must be a finite number of seconds >= 0, got {wall_time}")
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_TIME_S):
+        raise ValueError(
+            f"{key!r}: time must be a finite number of seconds since the epoch, from 0 to {MAX_TIME_S} "
+            f"(the year 9999); got {wall_time}"
+        )
     return seconds
+
+
+def check_timestamp_ms(timestamp: Any, key: str) -> float:
+    """An MLflow-style timestamp in milliseconds since the epoch, as seconds (see :func:`check_time`)."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real):
+        raise TypeError(f"{key!r}: timestamp must be milliseconds since the epoch, got {type(timestamp).__name__}")
+    milliseconds = float(timestamp)
+    if not (math.isfinite(milliseconds) and 0 <= milliseconds <= MAX_TIME_S * 1000):
+        raise ValueError(
+            f"{key!r}: timestamp must be a finite number of milliseconds since the epoch, "
+            f"from 0 to {MAX_TIME_S * 1000} (the year 9999); got {timestamp}"
+        )
+    return milliseconds / 1000
 
 
 def from_wire(data: Any) -> Record:

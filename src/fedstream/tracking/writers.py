@@ -31,6 +31,7 @@ from fedstream.tracking.records import (
     check_path,
     check_step,
     check_time,
+    check_timestamp_ms,
     check_value,
 )
 
@@ -75,13 +76,13 @@ class MLflowWriter:
 
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
         """Log one metric value; ``timestamp`` is in milliseconds since the epoch (default: now)."""
-        wall_time = time.time() if timestamp is None else check_time(timestamp, key) / 1000
+        wall_time = time.time() if timestamp is None else check_timestamp_ms(timestamp, key)
         _metric(current_site(), key, value, step, wall_time)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, timestamp: int | None = None) -> None:
         """Log several metrics at the same step and time."""
         site = current_site()
-        wall_time = time.time() if timestamp is None else check_time(timestamp, "timestamp") / 1000
+        wall_time = time.time() if timestamp is None else check_timestamp_ms(timestamp, "timestamp")
         for key, value in _mapping(metrics, "metrics").items():
             _metric(site, key, value, step, wall_time)
 
