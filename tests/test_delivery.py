@@ -5,11 +5,31 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from fedstream.events import Event, EventBus
-from fedstream.messages import EventBatch
+import pytest
+
+from fedstream.errors import FedstreamError
+from fedstream.events import EventBus, Forwarded
+from fedstream.messages import EventBatch, WireEvent
 from fedstream.server.inbox import Inbox
 from fedstream.site.outbox import Forwarder, Outbox
+
+
+@dataclass(frozen=True)
+class Numbered:
+    """A forwardable site event carrying a number."""
+
+    name: ClassVar[str] = "analytics"
+    number: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"number": self.number}
+
+
+def event(n: Any, name: str = "e") -> WireEvent:
+    return WireEvent(name, {"n": n})
 
 
 class FaultyLink:
@@ -39,9 +59,9 @@ class FaultyLink:
                 self.outbox.acknowledge(seq)
 
 
-def pipeline(**faults: Callable[[int], bool]) -> tuple[Outbox, list[Event], FaultyLink, Inbox]:
+def pipeline(**faults: Callable[[int], bool]) -> tuple[Outbox, list[Forwarded], FaultyLink, Inbox]:
     server_bus = EventBus()
-    seen: list[Event] = []
+    seen: list[Forwarded] = []
     server_bus.subscribe("fed.analytics", seen.append)
     inbox = Inbox(server_bus)
     no = lambda n: False  # noqa: E731
@@ -63,35 +83,44 @@ def test_exactly_once_in_order_despite_losses_and_repeats() -> None:
     site_bus = EventBus()
     Forwarder(site_bus, outbox, ["analytics"], "fed.")
     for i in range(500):
-        site_bus.fire(Event("analytics", ["metric", "loss", float(i), i, 0.0]))
-    assert outbox.flush(timeout_s=30)
-    assert [event.data[3] for event in seen] == list(range(500))
+        site_bus.fire(Numbered(i))
+    assert outbox.flush(stall_timeout_s=30)
+    assert [event.data["number"] for event in seen] == list(range(500))
     assert all(event.site == "site-1" and event.name == "fed.analytics" for event in seen)
     assert outbox.resends > 0 and inbox.duplicates["site-1"] > 0, "the faults really happened"
     assert inbox.received["site-1"] == 500
-    outbox.close(timeout_s=5)
+    outbox.close(stall_timeout_s=5)
 
 
 def test_flush_reports_when_the_server_never_answers() -> None:
     outbox, seen, link, _ = pipeline(drop_batch=lambda n: True)
-    outbox.put("fed.analytics", ["metric", "x", 1.0, 0, 0.0])
-    assert outbox.flush(timeout_s=0.3) is False
+    outbox.put(event(1.0, "fed.analytics"))
+    assert outbox.flush(stall_timeout_s=0.3) is False
     assert outbox.unacknowledged == 1 and seen == []
     assert link.sent >= 2, "it kept resending"
-    assert outbox.close(timeout_s=0.1) is False
+    assert outbox.close(stall_timeout_s=0.1) == 1, "the undelivered event is counted"
+
+
+def test_nothing_is_accepted_after_close() -> None:
+    outbox, _, _, _ = pipeline()
+    assert outbox.close(stall_timeout_s=1) == 0
+    with pytest.raises(FedstreamError, match="has finished"):
+        outbox.put(event(1))
 
 
 def test_a_batch_after_a_gap_is_not_handled() -> None:
     bus = EventBus()
-    seen: list[Event] = []
+    seen: list[Forwarded] = []
     bus.subscribe("e", seen.append)
     inbox = Inbox(bus)
-    assert inbox.receive("a", EventBatch("a", 1, [("e", 1), ("e", 2)])) == 2
-    assert inbox.receive("a", EventBatch("a", 5, [("e", 5)])) == 2, "events 3-4 are missing: resume from 3"
-    assert inbox.receive("a", EventBatch("a", 2, [("e", 2), ("e", 3)])) == 3
-    assert inbox.receive("b", EventBatch("b", 1, [("e", "b1")])) == 1, "sites are numbered separately"
-    assert [e.data for e in seen] == [1, 2, 3, "b1"]
+    assert inbox.receive("a", EventBatch("a", "s", 1, [event(1), event(2)])) == 2
+    assert inbox.receive("a", EventBatch("a", "s", 5, [event(5)])) == 2, "events 3-4 are missing: resume from 3"
+    assert inbox.receive("a", EventBatch("a", "s", 2, [event(2), event(3)])) == 3
+    assert inbox.receive("b", EventBatch("b", "s", 1, [event("b1")])) == 1, "sites are numbered separately"
+    assert [e.data["n"] for e in seen] == [1, 2, 3, "b1"]
     assert inbox.duplicates["a"] == 1
+    assert inbox.receive("a", EventBatch("a", "s2", 1, [event(10)])) == 1, "a new session numbers from 1"
+    assert seen[-1].data["n"] == 10
 
 
 def test_put_waits_for_room_instead_of_losing_events() -> None:
@@ -109,7 +138,7 @@ def test_put_waits_for_room_instead_of_losing_events() -> None:
 
     def producer() -> None:
         for i in range(10):
-            outbox.put("e", i)
+            outbox.put(event(i))
         done.set()
 
     thread = threading.Thread(target=producer)
@@ -125,10 +154,10 @@ def test_put_waits_for_room_instead_of_losing_events() -> None:
 
 def test_a_trickle_of_events_leaves_within_max_delay_without_a_flush() -> None:
     outbox, seen, _, _ = pipeline()
-    outbox.put("fed.analytics", ["metric", "x", 1.0, 0, 0.0])
+    outbox.put(event("x", "fed.analytics"))
     deadline = time.monotonic() + 10
     while not seen:  # no flush(): the event must go on its own, after max_delay_s (0.01 s here)
         assert time.monotonic() < deadline, "a lone event never left the site"
         time.sleep(0.01)
-    assert seen[0].data[1] == "x"
-    outbox.close(timeout_s=5)
+    assert seen[0].data["n"] == "x"
+    outbox.close(stall_timeout_s=5)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from fedstream.events import Event
+from fedstream.events import Forwarded
 from fedstream.server.receiver import JobInfo, JobOutcome
 from fedstream.tracking import MLflowReceiver
 from fedstream.tracking.records import METRIC, Record
@@ -27,8 +27,8 @@ def started(tmp_path: Path, uri: str, **args: object) -> MLflowReceiver:
     return receiver
 
 
-def metric(key: str, value: float, step: int) -> list[object]:
-    return list(Record(METRIC, key, value, step, 1_700_000_000.0 + step))
+def metric(site: str, key: str, value: float, step: int) -> Forwarded:
+    return Forwarded("fed.analytics", site, Record(METRIC, key, value, step, 1_700_000_000.0 + step).to_wire())
 
 
 def poisoned(path: str, body: bytes) -> tuple[int, bytes] | None:
@@ -41,10 +41,10 @@ def test_a_record_the_backend_refuses_costs_only_itself(tmp_path: Path, mlflow_s
     with FaultyProxy(mlflow_server.url, poisoned) as proxy:
         receiver = started(tmp_path, proxy.url, http_max_retries=0, stop_timeout_s=20.0)
         for step in range(500):
-            receiver.handle(Event("fed.analytics", metric("loss", step / 10, step), "site-1"))
+            receiver.handle(metric("site-1", "loss", step / 10, step))
             if step == 250:
-                receiver.handle(Event("fed.analytics", metric("poison", 1.0, step), "site-1"))
-            receiver.handle(Event("fed.analytics", metric("loss", step / 5, step), "site-2"))
+                receiver.handle(metric("site-1", "poison", 1.0, step))
+            receiver.handle(metric("site-2", "loss", step / 5, step))
         receiver.stop(JobOutcome("completed", ""))
     report = receiver.report()
     assert (report.received, report.written, report.dropped) == (1001, 1000, 1), report.errors

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from fedstream.errors import FedstreamError
-from fedstream.events import ANALYTICS, Event, EventBus
+from fedstream.events import EventBus
 from fedstream.site.context import SiteContext, restore, run_as
 from fedstream.tracking import MLflowWriter, SummaryWriter, WandBWriter
-from fedstream.tracking.records import ARTIFACT, METRIC, PARAM, TAG, TEXT, Record, from_wire
+from fedstream.tracking.records import ARTIFACT, METRIC, PARAM, TAG, TEXT, Analytics, Record, from_wire
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def records(tmp_path: Path) -> Iterator[list[Record]]:
     """Run as a site whose analytics events are collected."""
     bus = EventBus()
     seen: list[Record] = []
-    bus.subscribe(ANALYTICS, lambda event: seen.append(event.data))
+    bus.subscribe(Analytics, lambda event: seen.append(event.record))
     site = SiteContext("site-1", 0, 1, "job", "id", tmp_path, bus, logging.getLogger("test"))
     token = run_as(site)
     yield seen
@@ -50,7 +50,7 @@ def test_mlflow_calls_become_records(records: list[Record]) -> None:
     ]  # fmt: skip
     assert before <= records[0].time <= time.time()
     assert records[1].time == 1_700_000_000.123, "the site's timestamp is kept (ms -> s)"
-    assert all(from_wire(list(r)) == r for r in records), "records survive the trip to the server"
+    assert all(from_wire(r.to_wire()) == r for r in records), "records survive the trip to the server"
 
 
 def test_tensorboard_and_wandb_calls(records: list[Record]) -> None:
@@ -131,6 +131,19 @@ def test_nan_and_infinity_pass_through(records: list[Record]) -> None:
         (lambda w: w.log_metric("loss", 1j), TypeError, "value must be a number, got complex"),
         (lambda w: SummaryWriter().add_scalar("x", 1.0, walltime=1e15), ValueError, "the year 9999"),
         (lambda w: SummaryWriter().add_scalar("x", 1.0, walltime=float("inf")), ValueError, "the year 9999"),
+        # a call is all or nothing: one bad value and nothing of the call is sent
+        (lambda w: w.log_metrics({"a": 1.0, "b": "bad"}), TypeError, "metric 'b': value must be a number"),
+        (lambda w: w.log_params({"ok": 1, "bad key!": 2}), ValueError, "param name 'bad key!'"),
+        (lambda w: w.set_tags({"a": 1, "b": "x" * 8001}), ValueError, "8,001 characters, more than the 8,000"),
+        (lambda w: SummaryWriter().add_scalars("g", {"a": 1.0, "b": None}), TypeError, "'g/b': value must be"),
+        (lambda w: SummaryWriter().add_hparams({"lr": 0.1}, {"m": "x"}), TypeError, "metric 'm'"),
+        (lambda w: WandBWriter().log({"a": 1, "b": [1]}), TypeError, "metric 'b'"),
+        # values every backend stores in full, or a clear refusal (MLflow would truncate them)
+        (lambda w: w.log_param("p", "x" * 6001), ValueError, "6,001 characters, more than the 6,000 allowed"),
+        (lambda w: w.set_tag("t", "x" * 8001), ValueError, "more than the 8,000 allowed (log long text"),
+        (lambda w: w.log_text("x" * 1_000_001, "a.txt"), ValueError, "more than the 1,000,000 allowed"),
+        (lambda w: SummaryWriter().add_text("t", "x" * 1_000_001), ValueError, "more than the 1,000,000"),
+        (lambda w: SummaryWriter().add_scalars("a@b", {"x": 1.0}), ValueError, "main tag 'a@b'"),
     ],
 )
 def test_bad_calls_fail_at_the_call_site(records: list[Record], call, error: type, words: str) -> None:  # type: ignore[no-untyped-def]
@@ -147,22 +160,53 @@ def test_writers_need_a_running_site() -> None:
 
 def test_a_writer_follows_the_site_that_is_running(tmp_path: Path) -> None:
     writer = MLflowWriter()  # e.g. created at module level, shared by several sites in one worker
-    seen: list[Event] = []
+    seen: list[str] = []
     for name in ("site-1", "site-2"):
         bus = EventBus()
-        bus.subscribe(ANALYTICS, lambda event, name=name: seen.append(Event(event.name, event.data, name)))
+        bus.subscribe(Analytics, lambda event, name=name: seen.append(name))
         token = run_as(SiteContext(name, 0, 2, "job", "id", tmp_path, bus, logging.getLogger("t")))
         writer.log_metric("loss", 1.0)
         restore(token)
-    assert [e.site for e in seen] == ["site-1", "site-2"]
+    assert seen == ["site-1", "site-2"]
+
+
+def wire(kind: str, key: str, value: object, step: object = 0, time: object = 1.0) -> dict[str, object]:
+    return {"kind": kind, "key": key, "value": value, "step": step, "time": time}
 
 
 def test_server_rechecks_what_arrives() -> None:
     with pytest.raises(ValueError, match="unknown record kind"):
-        from_wire(["image", "x", 1.0, 0, 1.0])
+        from_wire(wire("image", "x", 1.0))
     with pytest.raises(ValueError, match="characters MLflow does not accept"):
-        from_wire(["metric", "a@b", 1.0, 0, 1.0])
+        from_wire(wire("metric", "a@b", 1.0))
     with pytest.raises(ValueError, match="must not hold"):
-        from_wire(["artifact", "../../etc/passwd", "x", 0, 1.0])
+        from_wire(wire("artifact", "../../etc/passwd", "x"))
     with pytest.raises(ValueError, match="fields"):
         from_wire({"kind": "metric"})
+    with pytest.raises(ValueError, match="fields"):
+        from_wire(["metric", "x", 1.0, 0, 1.0])
+    with pytest.raises(ValueError, match="the year 9999"):
+        from_wire(wire("metric", "x", 1.0, time=1e17))
+    with pytest.raises(ValueError, match="more than the 6,000 allowed"):
+        from_wire(wire("param", "p", "x" * 6001))
+    with pytest.raises(TypeError, match="value must be a str"):
+        from_wire(wire("tag", "t", 5))
+
+
+def test_a_failed_call_does_not_move_the_automatic_steps(records: list[Record]) -> None:
+    writer = MLflowWriter()
+    with pytest.raises(TypeError):
+        writer.log_metrics({"x": 1.0, "y": "bad"})
+    writer.log_metric("x", 1.0)
+    assert [(r.key, r.step) for r in records] == [("x", 0)]
+
+
+def test_calls_after_the_site_finished_are_refused(tmp_path: Path) -> None:
+    site = SiteContext("site-1", 0, 1, "job", "id", tmp_path, EventBus(), logging.getLogger("test"))
+    token = run_as(site)
+    try:
+        site.close()
+        with pytest.raises(FedstreamError, match="site-1 has finished"):
+            MLflowWriter().log_metric("late", 1.0)
+    finally:
+        restore(token)

@@ -1,8 +1,10 @@
-"""Named events and the in-process bus that delivers them to subscribers.
+"""Typed events and the in-process bus that delivers them by name.
 
-Every process has a bus: on a site, writers fire ``analytics`` events and the forwarder ships the configured
-names to the server; on the server, events from sites arrive as ``fed.<name>`` next to the server's own
-events (``round_completed``, ...) and receivers subscribe to the names they want.
+Each kind of event is a frozen dataclass with a class-level ``name``, defined beside the code that fires it
+(``RoundCompleted`` in :mod:`fedstream.workflows.base`, ``Analytics`` in :mod:`fedstream.tracking.records`,
+...). Every process has a bus. A site forwards the local events named in its job's ``[client.forward]`` to
+the server, where they arrive as :class:`Forwarded` events named ``<prefix><name>`` (``fed.analytics``);
+server components subscribe to the names they want, by name in a job config or by class in code.
 """
 
 from __future__ import annotations
@@ -11,33 +13,39 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
-# Events the server fires itself (``data`` is a Python object in the server process).
-ROUND_STARTED = "round_started"
-TASKS_SENT = "tasks_sent"
-TASK_STARTED = "task_started"
-TASK_DONE = "task_done"
-ROUND_COMPLETED = "round_completed"
-JOB_FINISHED = "job_finished"
+FED_PREFIX = "fed."
+"""The default prefix of a forwarded event's name on the server (``[client.forward] prefix``)."""
 
-# The event name tracking writers fire on a site.
-ANALYTICS = "analytics"
+
+class Event(Protocol):
+    """Anything with a ``name``: what the bus delivers."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class Forwardable(Event, Protocol):
+    """A site event that can travel to the server: its data as JSON values."""
+
+    def to_wire(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
-class Event:
-    """Something that happened. ``site`` is the site it came from (stamped by the server from the link),
-    or empty for an event of the process that fired it."""
+class Forwarded:
+    """A site's event on the server: ``name`` is the event's name with the forwarding prefix, ``site`` the
+    sender as authenticated by the link, ``data`` the event's JSON data (checked by whoever reads it)."""
 
     name: str
-    data: Any
-    site: str = ""
+    site: str
+    data: dict[str, Any]
 
 
-Handler = Callable[[Event], None]
+E = TypeVar("E")
+Handler = Callable[[Any], None]
 
 
 class EventBus:
@@ -48,14 +56,15 @@ class EventBus:
     """
 
     def __init__(self) -> None:
-        self._handlers: dict[str, list[Handler]] = {}
+        self._handlers: dict[str, tuple[Handler, ...]] = {}
         self._lock = threading.Lock()
         self.errors: list[str] = []
 
-    def subscribe(self, name: str, handler: Handler) -> None:
-        """Call ``handler`` for every event called ``name``."""
+    def subscribe(self, event: str | type[E], handler: Callable[[E], None]) -> None:
+        """Call ``handler`` for every event of ``event`` (a name, or an event class with a ``name``)."""
+        name = event if isinstance(event, str) else _class_name(event)
         with self._lock:
-            self._handlers = {**self._handlers, name: [*self._handlers.get(name, []), handler]}
+            self._handlers = {**self._handlers, name: (*self._handlers.get(name, ()), handler)}
 
     def fire(self, event: Event) -> None:
         """Deliver ``event`` to its subscribers, in subscription order."""
@@ -67,3 +76,10 @@ class EventBus:
                 log.exception(message)
                 with self._lock:
                     self.errors.append(message)
+
+
+def _class_name(cls: type) -> str:
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(f"{cls.__qualname__} has no class-level event name")
+    return name

@@ -1,22 +1,21 @@
-"""What travels between the server and the sites, and its byte encoding.
+"""What travels between the server and its sites: one frozen dataclass per message.
 
-One vocabulary: a :class:`Task` goes server -> site, a :class:`Result` comes back, and :class:`EventBatch`
-carries a site's events to the server, which answers with an :class:`EventAck`. Weights are named numpy
-arrays. On the wire a message is a small JSON header followed by the weights in safetensors format, never a
-pickle, so a site cannot make another process run code by sending it a message.
+A :class:`Task` goes server -> site and a :class:`Result` comes back; a site's events travel in
+:class:`EventBatch` messages that the server answers with an :class:`EventAck`. A site host announces the
+sites it hosts with :class:`Join` and the server ends the conversation with :class:`Shutdown`. Their byte
+encoding is in :mod:`fedstream.wire`.
+
+Models travel as :data:`Weights` (named numpy arrays). A task or a result may carry more named groups of
+arrays in ``extra`` (SCAFFOLD's control variates, the other sites' models of a cross-site evaluation), and
+small JSON values in ``config``.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
-
-from fedstream.errors import TransportError
 
 Weights = dict[str, np.ndarray]
 """A model's parameters by name, as numpy arrays (a torch ``state_dict`` converted without copying)."""
@@ -26,52 +25,84 @@ VALIDATE = "validate"
 
 
 @dataclass(frozen=True)
+class Failure:
+    """Why a site has no usable answer: the site, what it was doing (``train``, ``validate``, ``setup``...),
+    and the reason in words a user can act on."""
+
+    site: str
+    phase: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.site} ({self.phase}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What a task hands to a site besides its name: the model, named groups of extra arrays, and settings."""
+
+    weights: Weights = field(default_factory=dict, repr=False)
+    extra: dict[str, Weights] = field(default_factory=dict, repr=False)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Task:
-    """Work the server asks one site to do with the given global weights."""
+    """Work the server asks of one site: ``kind`` (``train``, ``validate``...) in ``round`` of ``num_rounds``."""
 
     id: str
     site: str
-    name: str
+    kind: str
     round: int
     num_rounds: int
-    weights: Weights = field(repr=False)
+    payload: Payload = field(default_factory=Payload)
 
 
 @dataclass(frozen=True)
 class Result:
-    """A site's answer to a task; ``error`` is non-empty when the site failed it."""
+    """A site's answer to a task: what it computed, or the :class:`Failure` that stopped it."""
 
     task_id: str
     site: str
     num_samples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     weights: Weights = field(default_factory=dict, repr=False)
-    error: str = ""
+    extra: dict[str, Weights] = field(default_factory=dict, repr=False)
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class WireEvent:
+    """One forwarded event: its name on the server (``fed.analytics``) and its data as JSON values."""
+
+    name: str
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class EventBatch:
-    """Consecutive events of one site, numbered from ``first_seq``; each event is ``(name, data)``.
+    """Consecutive events of one site, numbered from ``first_seq`` within the sender's ``session``.
 
-    ``session`` names the sender's outbox: a site set up again (its worker restarted) numbers from 1 anew.
+    A site set up anew (its worker restarted) starts a new session and numbers from 1 again.
     """
 
     site: str
+    session: str
     first_seq: int
-    events: list[tuple[str, Any]]
-    session: str = ""
+    events: list[WireEvent]
 
 
 @dataclass(frozen=True)
 class EventAck:
-    """The server has handled every event of ``site`` up to and including ``seq``."""
+    """The server has handled every event of ``site``'s ``session`` up to and including ``seq``."""
 
     site: str
+    session: str
     seq: int
 
 
 @dataclass(frozen=True)
-class Ready:
+class Join:
     """The sender is set up and takes tasks for ``sites``."""
 
     sites: list[str]
@@ -79,104 +110,9 @@ class Ready:
 
 @dataclass(frozen=True)
 class Shutdown:
-    """The server is done; the receiver should finish and exit."""
+    """The server is done; the sites deliver their remaining events and stop."""
 
     reason: str = ""
 
 
-Message = Task | Result | EventBatch | EventAck | Ready | Shutdown
-
-_HEADER = struct.Struct("<I")
-
-
-def encode(message: Message) -> bytes:
-    """Encode ``message`` as a length-prefixed JSON header followed by safetensors-encoded weights."""
-    weights: Weights = {}
-    if isinstance(message, Task):
-        header: dict[str, Any] = {
-            "type": "task",
-            "id": message.id,
-            "site": message.site,
-            "name": message.name,
-            "round": message.round,
-            "num_rounds": message.num_rounds,
-        }
-        weights = message.weights
-    elif isinstance(message, Result):
-        header = {
-            "type": "result",
-            "task_id": message.task_id,
-            "site": message.site,
-            "num_samples": message.num_samples,
-            "metrics": message.metrics,
-            "error": message.error,
-        }
-        weights = message.weights
-    elif isinstance(message, EventBatch):
-        header = {
-            "type": "events",
-            "site": message.site,
-            "first_seq": message.first_seq,
-            "events": message.events,
-            "session": message.session,
-        }
-    elif isinstance(message, EventAck):
-        header = {"type": "ack", "site": message.site, "seq": message.seq}
-    elif isinstance(message, Ready):
-        header = {"type": "ready", "sites": message.sites}
-    elif isinstance(message, Shutdown):
-        header = {"type": "shutdown", "reason": message.reason}
-    else:
-        raise TypeError(f"not a fedstream message: {type(message).__name__}")
-    header["keys"] = list(weights)
-    head = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
-    body = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in weights.items()}) if weights else b""
-    return _HEADER.pack(len(head)) + head + body
-
-
-def decode(frame: bytes) -> Message:
-    """Decode a frame made by :func:`encode`; a malformed frame raises :class:`TransportError`."""
-    try:
-        (size,) = _HEADER.unpack_from(frame)
-        header = json.loads(frame[_HEADER.size : _HEADER.size + size])
-        body = frame[_HEADER.size + size :]
-        loaded = safetensors.numpy.load(body) if body else {}
-        weights = {key: loaded[key] for key in header["keys"]}
-        kind = header["type"]
-        if kind == "task":
-            return Task(
-                id=str(header["id"]),
-                site=str(header["site"]),
-                name=str(header["name"]),
-                round=int(header["round"]),
-                num_rounds=int(header["num_rounds"]),
-                weights=weights,
-            )
-        if kind == "result":
-            return Result(
-                task_id=str(header["task_id"]),
-                site=str(header["site"]),
-                num_samples=int(header["num_samples"]),
-                metrics={str(k): float(v) for k, v in header["metrics"].items()},
-                weights=weights,
-                error=str(header["error"]),
-            )
-        if kind == "events":
-            events = [(str(name), data) for name, data in header["events"]]
-            return EventBatch(
-                site=str(header["site"]),
-                first_seq=int(header["first_seq"]),
-                events=events,
-                session=str(header.get("session", "")),
-            )
-        if kind == "ack":
-            return EventAck(site=str(header["site"]), seq=int(header["seq"]))
-        if kind == "ready":
-            return Ready(sites=[str(site) for site in header["sites"]])
-        if kind == "shutdown":
-            return Shutdown(reason=str(header["reason"]))
-        raise TransportError(f"unknown message type {kind!r}")
-    except TransportError:
-        raise
-    except Exception as exc:  # any malformation: bad JSON, missing key, bad safetensors
-        raise TransportError(f"malformed message ({len(frame)} bytes): {exc}") from exc
+Message = Task | Result | EventBatch | EventAck | Join | Shutdown

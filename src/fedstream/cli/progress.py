@@ -11,11 +11,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from fedstream.events import ROUND_STARTED, TASK_DONE, TASK_STARTED, TASKS_SENT, Event, EventBus
-from fedstream.server.federation import Reply, TasksSent, TaskStarted
+from fedstream.events import EventBus
+from fedstream.server.dispatch import TaskDone, TasksSent, TaskStarted
 from fedstream.workflows.base import RoundStarted
 
 _BAR = 24
+_SHOWN = 3  # failures listed per round before "and N more"
 
 
 def _bar(done: int, total: int) -> str:
@@ -34,16 +35,16 @@ class LiveProgress:
         self.round = 0
         self.num_rounds = 0
         self.began = time.monotonic()
-        self.phases: dict[str, dict[str, Any]] = {}
+        self.phases: dict[str, dict[str, int]] = {}
         self.running: dict[str, tuple[str, float]] = {}
         self.failures: list[str] = []
         self.live = Live(console=console, refresh_per_second=4, transient=True, get_renderable=self._render)
 
     def observe(self, bus: EventBus) -> None:
-        bus.subscribe(ROUND_STARTED, self._round_started)
-        bus.subscribe(TASKS_SENT, self._tasks_sent)
-        bus.subscribe(TASK_STARTED, self._task_started)
-        bus.subscribe(TASK_DONE, self._task_done)
+        bus.subscribe(RoundStarted, self._round_started)
+        bus.subscribe(TasksSent, self._tasks_sent)
+        bus.subscribe(TaskStarted, self._task_started)
+        bus.subscribe(TaskDone, self._task_done)
 
     def __enter__(self) -> LiveProgress:
         return self
@@ -52,29 +53,26 @@ class LiveProgress:
         if self.live.is_started:
             self.live.stop()
 
-    def _round_started(self, event: Event) -> None:
+    def _round_started(self, event: RoundStarted) -> None:
         if not self.live.is_started:
             self.live.start()
-        data: RoundStarted = event.data
-        self.round, self.num_rounds = data.round, data.num_rounds
+        self.round, self.num_rounds = event.round, event.num_rounds
         self.phases = {}
 
-    def _tasks_sent(self, event: Event) -> None:
-        data: TasksSent = event.data
-        self.phases[data.task] = {"total": len(data.sites), "done": 0, "failed": 0}
+    def _tasks_sent(self, event: TasksSent) -> None:
+        self.phases[event.kind] = {"total": len(event.sites), "done": 0, "failed": 0}
 
-    def _task_started(self, event: Event) -> None:
-        data: TaskStarted = event.data
-        self.running[data.site] = (data.task, time.monotonic())
+    def _task_started(self, event: TaskStarted) -> None:
+        self.running[event.site] = (event.kind, time.monotonic())
 
-    def _task_done(self, event: Event) -> None:
-        reply: Reply = event.data
+    def _task_done(self, event: TaskDone) -> None:
+        reply = event.reply
         self.running.pop(reply.site, None)
-        phase = self.phases.setdefault(reply.task, {"total": 0, "done": 0, "failed": 0})
+        phase = self.phases.setdefault(reply.kind, {"total": 0, "done": 0, "failed": 0})
         phase["done"] += 1
-        if not reply.ok:
+        if reply.failure is not None:
             phase["failed"] += 1
-            self.failures.append(f"round {reply.round} {reply.task} at {reply.site}: {reply.error}")
+            self.failures.append(f"round {reply.round} {reply.kind} at {reply.site}: {reply.failure.reason}")
 
     def _render(self) -> Group:
         now = time.monotonic()
@@ -98,8 +96,21 @@ class LiveProgress:
         return Group(*lines)
 
 
+def _failures(failed: list[dict[str, str]]) -> str:
+    """``train: site-3 (why); validate: ...``, the first few of each phase, then how many more."""
+    by_phase: dict[str, list[dict[str, str]]] = {}
+    for failure in failed:
+        by_phase.setdefault(failure["phase"], []).append(failure)
+    parts = []
+    for phase, items in by_phase.items():
+        shown = ", ".join(f"{f['site']} ({f['reason']})" for f in items[:_SHOWN])
+        more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+        parts.append(f"{phase}: {shown}{more}")
+    return "; ".join(parts)
+
+
 def print_summary(console: Console, result: dict[str, Any]) -> None:
-    """The rounds table, where the outputs are, and how to look at the tracking data."""
+    """The rounds table, what failed, where the outputs are, and how to look at the tracking data."""
     rounds = result["rounds"]
     if rounds:
         keys = sorted({key for r in rounds for key in r["metrics"]}, key=lambda k: (k != "accuracy", k != "loss", k))
@@ -108,14 +119,21 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
         for key in keys:
             table.add_column(key, justify="right")
         table.add_column("duration", justify="right")
-        table.add_column("clients", justify="right")
+        table.add_column("sites trained", justify="right")
         for r in rounds:
             metrics = [f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys]
-            left_out = f" ({len(r['failed'])} left out)" if r["failed"] else ""
-            table.add_row(str(r["round"]), *metrics, f"{r['duration_s']:.1f} s", f"{len(r['clients'])}{left_out}")
+            trained = len(r["clients"]) + sum(f["phase"] != "validate" for f in r["failed"])
+            table.add_row(str(r["round"]), *metrics, f"{r['duration_s']:.1f} s", f"{len(r['clients'])}/{trained}")
         console.print(table)
+    lines = []
+    for r in rounds:
+        if r["failed"]:
+            lines.append(f"round {r['round']:<5} failed: {_failures(r['failed'])}")
+    for entry in result.get("membership", []):
+        what = f"left ({entry['left']})" if "left" in entry else "joined again"
+        lines.append(f"round {entry['round']:<5} {entry['site']} {what}")
     ws = result["logs"]["combined"].rsplit("/", 1)[0]
-    lines = [f"workspace   {ws}", f"result      {ws}/result.json"]
+    lines += [f"workspace   {ws}", f"result      {ws}/result.json"]
     lines += [f"model       {name}: {path}" for name, path in result["models"].items()]
     lines.append(f"logs        {result['logs']['combined']} (one per site in {ws}/<site>/log.txt)")
     for name, info in result["tracking"].items():
@@ -123,13 +141,11 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
             lines.append(f"{name:<11} {info['view']}")
             if info["view"].startswith("mlflow ui") and importlib.util.find_spec("flask") is None:
                 lines.append(f"{'':<11} (mlflow ui needs the full mlflow package: pip install mlflow)")
-    for restart in result.get("restarts", []):
-        lines.append(f"restarted   worker {restart['worker']} ({restart['reason']}): {', '.join(restart['sites'])}")
     for line in lines:  # whole lines, so that commands and paths can be copied
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     for name, info in result["tracking"].items():
         if isinstance(info, dict) and (info.get("errors") or info.get("dropped")):
-            problems = "; ".join(info.get("errors", []))
+            problems = "; ".join(info.get("errors", [])[:_SHOWN])
             console.print(
                 f"{name}: {info.get('dropped', 0)} records dropped; {problems}",
                 style="red",

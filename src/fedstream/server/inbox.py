@@ -1,9 +1,9 @@
 """The server's end of event delivery: drop duplicates, keep order, fire each event once.
 
-Each site numbers its events from 1. A batch may repeat events already handled (a resend after a lost
-acknowledgement): those are skipped. A batch that starts past the next expected number (a lost batch) is
-not handled; the acknowledgement tells the site where to resume. A batch from a new ``session`` of a site
-(set up again after its worker restarted) starts the numbering anew.
+Each site numbers its events from 1 within a session. A batch may repeat events already handled (a resend
+after a lost acknowledgement): those are skipped. A batch that starts past the next expected number (a lost
+batch) is not handled; the acknowledgement tells the site where to resume. A batch from a new session of a
+site (set up again after its host restarted) starts the numbering anew.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import threading
 from collections import defaultdict
 
-from fedstream.events import Event, EventBus
+from fedstream.events import EventBus, Forwarded
 from fedstream.messages import EventBatch
 
 log = logging.getLogger(__name__)
@@ -33,23 +33,20 @@ class Inbox:
         """Fire the new events of ``batch`` as coming from ``site``; returns the last sequence number handled."""
         with self._locks[site]:
             if self._sessions.setdefault(site, batch.session) != batch.session:
-                log.warning("%s: a new session of the site's events (it was set up again) starts from #1", site)
+                log.warning("%s was set up again: its events are numbered from 1 anew", site)
                 self._sessions[site] = batch.session
                 self._handled[site] = 0
             handled = self._handled[site]
             skip = handled + 1 - batch.first_seq
             if skip < 0:
                 log.warning(
-                    "%s: events from #%d arrived before #%d; asking for a resend",
-                    site,
-                    batch.first_seq,
-                    handled + 1,
+                    "%s: events from #%d arrived before #%d; asking for a resend", site, batch.first_seq, handled + 1
                 )
                 return handled
             fresh = batch.events[skip:]
             self.duplicates[site] += min(skip, len(batch.events))
-            for name, data in fresh:
-                self._bus.fire(Event(name, data, site))
+            for event in fresh:
+                self._bus.fire(Forwarded(event.name, site, event.data))
             self._handled[site] = handled + len(fresh)
             self.received[site] += len(fresh)
             return self._handled[site]

@@ -1,14 +1,14 @@
-"""The server's end of the simulator: worker processes reached over pipes.
+"""The server's end of the simulator: site hosts in worker processes, reached over pipes.
 
-Each site lives on one worker (site ``i`` on worker ``i mod T``) for the whole job, so its trainer keeps
+Each site lives on one worker (site ``i`` on worker ``i mod T``) for the whole job, so its executor keeps
 its state between rounds. A worker runs one task at a time; the link keeps each worker's queue and hands it
-the next task when the previous result arrives, which is when that task's deadlines start. A worker is
-trusted to speak only for the sites it hosts: anything else it sends is rejected.
+the next task when the previous result arrives, which is when that task's deadlines start. A worker may
+speak only for the sites it hosts: anything else it sends is refused.
 
-A worker that dies fails the task it was running (naming its exit code) and is started again; a worker
-whose running task is given up (timed out, left out) is stopped and started again, so that the sites queued
-behind it get their turn. A restarted worker sets its sites up anew. Restarts are started with ``spawn``:
-forking a process that runs threads can inherit locks held by them.
+A worker that dies fails the task it was running (naming its exit code), its sites leave, and it is started
+again: its sites join again and the tasks queued behind it still run. A worker whose running task is given
+up (timed out, left out) is stopped and started again the same way. Restarts use ``spawn``: forking a
+process that runs threads can inherit locks held by them.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from multiprocessing.process import BaseProcess
 
 from fedstream.errors import TransportError
 from fedstream.link import ServerEndpoint
-from fedstream.messages import EventAck, EventBatch, Ready, Result, Shutdown, Task, decode, encode
+from fedstream.messages import EventAck, EventBatch, Failure, Join, Result, Shutdown, Task
 from fedstream.simulator import worker
+from fedstream.wire import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,10 @@ class _Worker:
         self.sites = set(spec.sites)
         self.queue: deque[Task] = deque()
         self.running: Task | None = None
-        self.ready = False  # the worker said it is set up: tasks go to it from then on
+        self.ready = False  # the worker announced its sites: tasks go to it from then on
         self.dead = False
         self.retired = False  # replaced by a new incarnation: its exit is expected
         self.send_lock = threading.Lock()
-        self.reader: threading.Thread | None = None
 
     def send(self, frame: bytes) -> None:
         with self.send_lock:
@@ -80,7 +80,7 @@ class _Worker:
 
 
 class SimulatorLink:
-    """A :class:`~fedstream.link.ServerLink` over worker processes."""
+    """A :class:`~fedstream.link.ServerLink` over worker processes; creating it starts them."""
 
     def __init__(self, specs: Sequence[worker.WorkerSpec]) -> None:
         if start_method() == "fork":
@@ -88,37 +88,16 @@ class SimulatorLink:
         self._lock = threading.Lock()
         self._endpoint: ServerEndpoint | None = None
         self._closing = False
-        self._workers = [self._start(spec, start_method()) for spec in specs]
+        self._workers = [self._spawn(spec, start_method()) for spec in specs]
         self._placement = {site: w for w, spec in enumerate(specs) for site in spec.sites}
-        self.restarts: list[dict[str, object]] = []
+        self._readers: list[threading.Thread] = []
 
-    @staticmethod
-    def _start(spec: worker.WorkerSpec, method: str) -> _Worker:
-        context = multiprocessing.get_context(method)
-        ours, theirs = context.Pipe()
-        process = context.Process(  # type: ignore[attr-defined]
-            target=worker.main,
-            args=(spec.to_json(), theirs),
-            name=f"fedstream-worker-{spec.index}",
-            daemon=True,
-        )
-        process.start()
-        theirs.close()
-        return _Worker(spec, process, ours)
-
-    def connect(self, endpoint: ServerEndpoint) -> None:
-        """Start delivering what the workers send to ``endpoint``."""
+    # -- ServerLink ---------------------------------------------------------------------------------------------
+    def start(self, endpoint: ServerEndpoint) -> None:
         self._endpoint = endpoint
         for handle in self._workers:
-            self._start_reader(handle)
+            self._read_from(handle)
 
-    def _start_reader(self, handle: _Worker) -> None:
-        handle.reader = threading.Thread(
-            target=self._read, args=(handle,), name=f"worker-{handle.index}-reader", daemon=True
-        )
-        handle.reader.start()
-
-    # -- ServerLink ------------------------------------------------------------------------------------
     def send(self, task: Task) -> None:
         with self._lock:
             handle = self._workers[self._placement[task.site]]
@@ -131,13 +110,11 @@ class SimulatorLink:
             for handle in list(self._workers):
                 handle.queue = deque(task for task in handle.queue if task.id not in task_ids)
                 if handle.running is not None and handle.running.id in task_ids:
-                    self._restart(handle, f"{handle.running.site}'s {handle.running.name} task was given up")
+                    running = handle.running
+                    self._restart(handle, f"{running.site}'s {running.kind} task was given up")
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Ask every worker to deliver its remaining events and exit; stop any that do not within ``timeout_s``.
-
-        Each worker's reader thread delivers what the worker still sends, then reaps it when its pipe closes.
-        """
+        """Ask every worker to deliver its remaining events and exit; stop any that do not within ``timeout_s``."""
         with self._lock:
             self._closing = True
         for handle in self._workers:
@@ -148,18 +125,33 @@ class SimulatorLink:
             if handle.running is not None:
                 log.warning("worker %d still runs %s's task; stopping it", handle.index, handle.running.site)
                 self._kill(handle)
-            if handle.reader is not None:
-                handle.reader.join(max(0.0, deadline - time.monotonic()))
+        for reader in self._readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        for handle in self._workers:
             if handle.process.is_alive():
-                log.warning("worker %d did not stop within %g s; terminating it", handle.index, timeout_s)
+                log.warning("worker %d did not stop within %g s; stopping it", handle.index, timeout_s)
                 self._kill(handle)
 
     def terminate(self) -> None:
-        """Stop all workers now (Ctrl-C)."""
         with self._lock:
             self._closing = True
         for handle in self._workers:
             self._kill(handle)
+
+    # -- workers ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _spawn(spec: worker.WorkerSpec, method: str) -> _Worker:
+        context = multiprocessing.get_context(method)
+        ours, theirs = context.Pipe()
+        process = context.Process(  # type: ignore[attr-defined]
+            target=worker.main,
+            args=(spec.to_json(), theirs),
+            name=f"fedstream-worker-{spec.index}",
+            daemon=True,
+        )
+        process.start()
+        theirs.close()
+        return _Worker(spec, process, ours)
 
     @staticmethod
     def _kill(handle: _Worker) -> None:
@@ -169,26 +161,25 @@ class SimulatorLink:
             handle.process.kill()
             handle.process.join(5)
 
-    # -- internals -------------------------------------------------------------------------------------
     def _restart(self, handle: _Worker, reason: str) -> None:
         """Under the lock: replace ``handle`` by a new incarnation that takes over its queue."""
         handle.retired = True
         self._kill(handle)
-        sites = sorted(handle.sites, key=handle.spec.sites.__getitem__)
-        log.warning("worker %d restarts (%s); its sites %s set up again", handle.index, reason, ", ".join(sites))
-        self.restarts.append({"worker": handle.index, "sites": sites, "reason": reason})
-        fresh = self._start(handle.spec, "spawn")
-        fresh.queue = handle.queue
-        handle.queue = deque()
+        self._left(handle, reason)
+        fresh = self._spawn(handle.spec, "spawn")
+        fresh.queue, handle.queue = handle.queue, deque()
         self._workers[handle.index] = fresh
-        self._start_reader(fresh)
-        self._next(fresh)
+        self._read_from(fresh)
+
+    def _left(self, handle: _Worker, reason: str) -> None:
+        assert self._endpoint is not None
+        log.warning("worker %d stopped (%s); its sites %s leave", handle.index, reason, ", ".join(sorted(handle.sites)))
+        for site in sorted(handle.sites):
+            self._endpoint.site_left(site, reason)
 
     def _next(self, handle: _Worker) -> None:
-        """Under the lock: give an idle worker its next task."""
-        if handle.dead or not handle.ready:
-            return
-        if handle.running is not None or not handle.queue:
+        """Under the lock: give an idle, ready worker its next task."""
+        if handle.dead or not handle.ready or handle.running is not None or not handle.queue:
             return
         task = handle.queue.popleft()
         handle.running = task
@@ -196,9 +187,15 @@ class SimulatorLink:
             handle.send(encode(task))
         except OSError as exc:
             log.error("worker %d: cannot send a task: %s", handle.index, exc)
-            return  # the reader sees the worker's end and fails its tasks
+            return  # the reader sees the worker's end and fails its task
         assert self._endpoint is not None
         self._endpoint.task_started(task.id)
+
+    # -- what the workers send ----------------------------------------------------------------------------------
+    def _read_from(self, handle: _Worker) -> None:
+        reader = threading.Thread(target=self._read, args=(handle,), name=f"worker-{handle.index}-reader", daemon=True)
+        self._readers.append(reader)
+        reader.start()
 
     def _read(self, handle: _Worker) -> None:
         assert self._endpoint is not None
@@ -211,43 +208,51 @@ class SimulatorLink:
             except TransportError as exc:
                 log.error("worker %d sent a malformed message: %s", handle.index, exc)
                 continue
-            if isinstance(message, Ready):
-                with self._lock:
-                    handle.ready = True
-                    self._next(handle)
+            if isinstance(message, Join):
+                self._joined(handle, message)
             elif isinstance(message, Result):
-                self._on_result(handle, message)
+                self._answered(handle, message)
             elif isinstance(message, EventBatch):
                 if message.site not in handle.sites:
                     log.error(
-                        "worker %d sent events for %r, which it does not host; dropped",
-                        handle.index,
-                        message.site,
+                        "worker %d sent events for %r, which it does not host; refused", handle.index, message.site
                     )
                     continue
                 seq = endpoint.events_received(message.site, message)
                 try:
-                    handle.send(encode(EventAck(message.site, seq)))
+                    handle.send(encode(EventAck(message.site, message.session, seq)))
                 except OSError:
                     break
-        self._on_exit(handle)
+            else:
+                log.error("worker %d sent an unexpected %s; ignored", handle.index, type(message).__name__)
+        self._exited(handle)
 
-    def _on_result(self, handle: _Worker, result: Result) -> None:
+    def _joined(self, handle: _Worker, join: Join) -> None:
+        assert self._endpoint is not None
+        strangers = set(join.sites) - handle.sites
+        if strangers:
+            log.error(
+                "worker %d announced sites it does not host (%s); ignored", handle.index, ", ".join(sorted(strangers))
+            )
+        for site in handle.spec.sites:
+            if site in join.sites:
+                self._endpoint.site_joined(site)
+        with self._lock:
+            handle.ready = True
+            self._next(handle)
+
+    def _answered(self, handle: _Worker, result: Result) -> None:
         assert self._endpoint is not None
         with self._lock:
             running = handle.running
             if running is None or running.id != result.task_id:
-                log.error(
-                    "worker %d answered task %s, which it was not running; dropped",
-                    handle.index,
-                    result.task_id,
-                )
+                log.error("worker %d answered task %s, which it was not running; refused", handle.index, result.task_id)
                 return
             handle.running = None
             self._next(handle)
         self._endpoint.result_received(running.site, result)
 
-    def _on_exit(self, handle: _Worker) -> None:
+    def _exited(self, handle: _Worker) -> None:
         """The worker's pipe closed: fail the task it was running; restart it unless the job is ending."""
         handle.process.join(5)
         assert self._endpoint is not None
@@ -258,10 +263,12 @@ class SimulatorLink:
             running, handle.running = handle.running, None
             reason = f"its worker process exited unexpectedly (exit code {handle.process.exitcode})"
             if running is not None:
-                self._endpoint.result_received(running.site, Result(running.id, running.site, error=reason))
+                failure = Failure(running.site, running.kind, reason)
+                self._endpoint.result_received(running.site, Result(running.id, running.site, failure=failure))
             if self._closing:
                 for task in handle.queue:
-                    self._endpoint.result_received(task.site, Result(task.id, task.site, error=reason))
+                    failure = Failure(task.site, task.kind, reason)
+                    self._endpoint.result_received(task.site, Result(task.id, task.site, failure=failure))
                 handle.queue.clear()
                 return
             self._restart(handle, f"worker exited with code {handle.process.exitcode}")

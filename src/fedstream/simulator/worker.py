@@ -1,8 +1,7 @@
-"""A simulator worker process: hosts some of the job's sites and runs their tasks one at a time.
+"""A simulator worker process: a :class:`~fedstream.site.host.SiteHost` for some of the job's sites, over a pipe.
 
-It speaks to the server only in :mod:`fedstream.messages` frames over its pipe. A reader thread takes
-tasks and acknowledgements off the pipe; the main thread runs tasks. The worker ignores Ctrl-C (the server
-decides when it stops) and dies with its parent.
+The worker ignores Ctrl-C (the server decides when it stops), dies with its parent, captures the sites'
+prints into their logs, and speaks to the server only in :mod:`fedstream.wire` frames.
 """
 
 from __future__ import annotations
@@ -10,22 +9,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from fedstream import logs
-from fedstream.config import load_job_data
+from fedstream.config import Job, load_job_data
+from fedstream.errors import TransportError
 from fedstream.events import EventBus
-from fedstream.messages import EventAck, EventBatch, Ready, Result, Shutdown, Task, decode, encode
+from fedstream.link import SiteEndpoint
+from fedstream.messages import EventAck, EventBatch, Join, Message, Result, Shutdown, Task
 from fedstream.site.context import SiteContext
-from fedstream.site.runtime import Site
+from fedstream.site.host import SiteHost
+from fedstream.site.site import Site
+from fedstream.wire import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class WorkerSpec:
     index: int
     job_dir: str
     job_source: str
-    config: dict  # the resolved job config
+    config: dict[str, Any]  # the resolved job config
     job_id: str
     sites: dict[str, int]  # site name -> its index in the job
     num_sites: int
@@ -54,21 +56,45 @@ class WorkerSpec:
 
 
 class PipeSiteLink:
-    """The sites' side of the pipe to the server; several threads may send at once."""
+    """A :class:`~fedstream.link.SiteLink` over the worker's pipe; several threads may send at once."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
 
+    def start(self, endpoint: SiteEndpoint, sites: Sequence[str]) -> None:
+        self._send(Join(list(sites)))
+        threading.Thread(target=self._read, args=(endpoint,), name="pipe-reader", daemon=True).start()
+
     def send_result(self, result: Result) -> None:
-        self._send(encode(result))
+        self._send(result)
 
     def send_events(self, batch: EventBatch) -> None:
-        self._send(encode(batch))
+        self._send(batch)
 
-    def _send(self, frame: bytes) -> None:
+    def close(self) -> None:
+        self._conn.close()
+
+    def _send(self, message: Message) -> None:
+        frame = encode(message)
         with self._lock:
             self._conn.send_bytes(frame)
+
+    def _read(self, endpoint: SiteEndpoint) -> None:
+        while True:
+            try:
+                message = decode(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                os._exit(3)  # the server is gone: nothing left to do for
+            except TransportError as exc:
+                log.error("the server sent a malformed message: %s", exc)
+                continue
+            if isinstance(message, Task):
+                endpoint.task_received(message)
+            elif isinstance(message, EventAck):
+                endpoint.events_acknowledged(message)
+            elif isinstance(message, Shutdown):
+                endpoint.shutdown(message.reason)
 
 
 def _die_with_parent() -> None:
@@ -80,58 +106,36 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _site_maker(job: Job, spec: WorkerSpec, link: PipeSiteLink) -> Any:
+    from fedstream.pt.executor import TrainerExecutor
+
+    def make(name: str) -> Site:
+        context = SiteContext(
+            name=name,
+            index=spec.sites[name],
+            num_sites=spec.num_sites,
+            job_name=job.name,
+            job_id=spec.job_id,
+            workspace=Path(spec.workspace) / name,
+            bus=EventBus(),
+            log=logging.getLogger(f"fedstream.site.{name}"),
+        )
+        return Site(context, TrainerExecutor(job), link.send_events, job.config.client.forward)
+
+    return make
+
+
 def main(spec_json: str, conn: Connection) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     spec = WorkerSpec.from_json(spec_json)
+    import torch
+
     torch.set_num_threads(spec.torch_threads)
     logs.setup_worker(Path(spec.workspace), list(spec.sites), verbose=spec.verbose)
     job = load_job_data(Path(spec.job_dir), spec.config, [], source=spec.job_source)
     link = PipeSiteLink(conn)
-    sites: dict[str, Site] = {}
-    tasks: queue.Queue[Task | None] = queue.Queue()
-
-    def site(name: str) -> Site:
-        if name not in sites:
-            folder = Path(spec.workspace) / name
-            context = SiteContext(
-                name=name,
-                index=spec.sites[name],
-                num_sites=spec.num_sites,
-                job_name=job.name,
-                job_id=spec.job_id,
-                workspace=folder,
-                bus=EventBus(),
-                log=logging.getLogger(f"fedstream.site.{name}"),
-            )
-            sites[name] = Site(job, context, link)
-        return sites[name]
-
-    def read() -> None:
-        while True:
-            try:
-                message = decode(conn.recv_bytes())
-            except (EOFError, OSError):
-                os._exit(3)  # the server is gone: nothing left to do for
-            if isinstance(message, Task):
-                tasks.put(message)
-            elif isinstance(message, EventAck) and message.site in sites:
-                sites[message.site].outbox.acknowledge(message.seq)
-            elif isinstance(message, Shutdown):
-                tasks.put(None)
-
-    threading.Thread(target=read, name="pipe-reader", daemon=True).start()
     log.info("worker %d (pid %d) hosts %s", spec.index, os.getpid(), ", ".join(spec.sites))
-    conn.send_bytes(encode(Ready(list(spec.sites))))
-    while (task := tasks.get()) is not None:
-        if task.site not in spec.sites:
-            link.send_result(
-                Result(task.id, task.site, error=f"site {task.site!r} is not hosted by worker {spec.index}")
-            )
-            continue
-        link.send_result(site(task.site).handle(task))
-    for hosted in sites.values():
-        if not hosted.close():
-            log.error("%s: %d events could not be delivered", hosted.context.name, hosted.outbox.unacknowledged)
+    SiteHost(link, list(spec.sites), _site_maker(job, spec, link)).serve()
     logging.shutdown()

@@ -1,10 +1,13 @@
-"""Ship a site's events to the server exactly once and in order, without blocking the caller.
+"""Ship a site's events to the server exactly once and in order, without making the caller wait.
 
 The :class:`Forwarder` subscribes to the configured event names on the site's bus and puts each event,
 renamed with the configured prefix, into the :class:`Outbox`. The outbox numbers events, sends them in
 batches (when a batch is full, when the oldest event has waited ``max_delay_s``, or when asked to flush),
 keeps each batch until the server acknowledges it, and resends it if no acknowledgement arrives within
-``ack_timeout_s``. The server drops sequence numbers it has already handled, so a resend never duplicates.
+``ack_timeout_s``. The server skips numbers it has already handled, so a resend never duplicates.
+
+Memory is bounded by backpressure: when ``capacity`` events wait (the server is behind), :meth:`Outbox.put`
+waits for room, which slows the code that logs. Nothing is dropped on the site.
 """
 
 from __future__ import annotations
@@ -14,21 +17,17 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
 
-from fedstream.events import Event, EventBus
-from fedstream.messages import EventBatch
+from fedstream.errors import FedstreamError
+from fedstream.events import EventBus, Forwardable
+from fedstream.messages import EventBatch, WireEvent
 
 log = logging.getLogger(__name__)
 
 
 class Outbox:
-    """A site's outgoing events: numbered, batched, acknowledged, resent.
-
-    ``put`` only appends to a queue; one background thread does all sending. When ``capacity`` events are
-    waiting (the server has fallen far behind), ``put`` blocks until there is room rather than lose events.
-    """
+    """A site's outgoing events: numbered, batched, acknowledged, resent."""
 
     def __init__(
         self,
@@ -38,7 +37,7 @@ class Outbox:
         batch_size: int = 1000,
         max_delay_s: float = 0.5,
         ack_timeout_s: float = 10.0,
-        capacity: int = 1_000_000,
+        capacity: int = 100_000,
     ) -> None:
         self.site = site
         self.session = secrets.token_hex(4)
@@ -48,29 +47,35 @@ class Outbox:
         self._ack_timeout_s = ack_timeout_s
         self._capacity = capacity
         self._cond = threading.Condition()
-        self._pending: deque[tuple[str, Any]] = deque()
+        self._pending: deque[WireEvent] = deque()
         self._oldest = 0.0  # when the first pending event was put
         self._inflight: EventBatch | None = None
         self._sent_at = 0.0
         self._acked = 0  # every event up to this sequence number is handled by the server
+        self._acked_at = time.monotonic()  # when the server last acknowledged something
         self._flushing = False
         self._closed = False
         self.resends = 0
         self._thread: threading.Thread | None = None  # started by the first event: sites that never log have none
 
-    def put(self, name: str, data: Any) -> None:
-        """Queue one event; returns at once unless ``capacity`` events are already waiting."""
+    def put(self, event: WireEvent) -> None:
+        """Queue one event; waits only while ``capacity`` events are already waiting for the server."""
         with self._cond:
+            if self._closed:
+                raise FedstreamError(
+                    f"{self.site} has finished: an event logged after its last task ({event.name}) cannot be "
+                    "delivered; log from the trainer's own calls, or join its threads before train() returns"
+                )
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"outbox-{self.site}", daemon=True)
                 self._thread.start()
             if len(self._pending) >= self._capacity:
-                log.warning("%s: %d events wait for the server; pausing the sender", self.site, self._capacity)
+                log.info("%s: %d events wait for the server; the caller waits for room", self.site, self._capacity)
                 self._cond.wait_for(lambda: len(self._pending) < self._capacity or self._closed)
             if not self._pending:
                 self._oldest = time.monotonic()
                 self._cond.notify_all()  # the sender sleeps while nothing waits: start its max_delay_s clock
-            self._pending.append((name, data))
+            self._pending.append(event)
             if len(self._pending) == self._batch_size:
                 self._cond.notify_all()
 
@@ -82,19 +87,30 @@ class Outbox:
                 return
             done = seq - batch.first_seq + 1
             self._acked = seq
+            self._acked_at = time.monotonic()
             if done >= len(batch.events):
                 self._inflight = None
             else:  # partly handled: resend the rest
-                self._inflight = EventBatch(self.site, seq + 1, batch.events[done:], self.session)
+                self._inflight = EventBatch(self.site, self.session, seq + 1, batch.events[done:])
                 self._sent_at = 0.0
             self._cond.notify_all()
 
-    def flush(self, timeout_s: float) -> bool:
-        """Send everything queued so far and wait for the server to acknowledge it; ``False`` on timeout."""
+    def flush(self, stall_timeout_s: float) -> bool:
+        """Send everything queued so far and wait until the server acknowledged it.
+
+        Waits as long as the server keeps acknowledging; gives up (``False``) after ``stall_timeout_s`` seconds
+        without any acknowledgement.
+        """
         with self._cond:
             self._flushing = True
             self._cond.notify_all()
-            return self._cond.wait_for(lambda: not self._pending and self._inflight is None, timeout_s)
+            self._acked_at = time.monotonic()
+            while self._pending or self._inflight is not None:
+                stalled = time.monotonic() - self._acked_at
+                if stalled >= stall_timeout_s:
+                    return False
+                self._cond.wait(stall_timeout_s - stalled)
+            return True
 
     @property
     def unacknowledged(self) -> int:
@@ -102,15 +118,16 @@ class Outbox:
         with self._cond:
             return len(self._pending) + (len(self._inflight.events) if self._inflight else 0)
 
-    def close(self, timeout_s: float) -> bool:
-        """Flush, then stop the sending thread; ``False`` if events were still unacknowledged (they are given up)."""
-        flushed = self.flush(timeout_s)
+    def close(self, stall_timeout_s: float) -> int:
+        """Flush, then stop the sending thread; returns how many events were never acknowledged (given up)."""
+        self.flush(stall_timeout_s)
         with self._cond:
             self._closed = True
+            lost = len(self._pending) + (len(self._inflight.events) if self._inflight else 0)
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        return flushed
+        return lost
 
     def _next_batch(self) -> EventBatch | None:
         """Under the lock: the batch to send now, or ``None`` after waiting a while."""
@@ -139,7 +156,7 @@ class Outbox:
         count = min(self._batch_size, len(self._pending))
         events = [self._pending.popleft() for _ in range(count)]
         self._oldest = now
-        self._inflight = EventBatch(self.site, self._acked + 1, events, self.session)
+        self._inflight = EventBatch(self.site, self.session, self._acked + 1, events)
         return self._inflight
 
     def _run(self) -> None:
@@ -161,13 +178,13 @@ class Outbox:
 class Forwarder:
     """Ships the site's events named in ``events`` to the server as ``prefix + name``."""
 
-    def __init__(self, bus: EventBus, outbox: Outbox, events: list[str], prefix: str) -> None:
+    def __init__(self, bus: EventBus, outbox: Outbox, events: Sequence[str], prefix: str) -> None:
         for name in events:
             bus.subscribe(name, self._forward_as(prefix + name, outbox))
 
     @staticmethod
-    def _forward_as(fed_name: str, outbox: Outbox) -> Callable[[Event], None]:
-        def forward(event: Event) -> None:
-            outbox.put(fed_name, event.data)
+    def _forward_as(fed_name: str, outbox: Outbox) -> Callable[[Forwardable], None]:
+        def forward(event: Forwardable) -> None:
+            outbox.put(WireEvent(fed_name, event.to_wire()))
 
         return forward

@@ -1,8 +1,8 @@
 """The tracking record every writer produces and every receiver consumes, and the rules it must follow.
 
-A record travels as the data of an ``analytics`` event. The rules are MLflow's (the strictest backend), so
-anything a writer accepts any receiver can store; writers apply them at the call site, receivers again on
-arrival because the server trusts no site.
+A record travels in an :class:`Analytics` event, on the wire as a JSON object by field name. The rules are
+MLflow's (the strictest backend), so anything a writer accepts every receiver stores as given; writers apply
+them at the call site, receivers again on arrival because the server trusts no site.
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from fedstream.events import FED_PREFIX
 
 METRIC = "metric"
 PARAM = "param"
@@ -20,6 +23,9 @@ ARTIFACT = "artifact"  # MLflow-style text file: ``key`` is a relative path in t
 KINDS = (METRIC, PARAM, TAG, TEXT, ARTIFACT)
 
 MAX_KEY_LENGTH = 250
+MAX_PARAM_LENGTH = 6000  # MLflow truncates longer param values
+MAX_TAG_LENGTH = 8000  # MLflow truncates longer tag values
+MAX_TEXT_LENGTH = 1_000_000  # text and text files: one event must stay a small part of a message
 MAX_STEP = 2**63 - 1
 MAX_TIME_S = 253_402_300_799  # 9999-12-31 23:59:59 UTC: every backend stores it (MLflow: int64 milliseconds)
 _KEY = re.compile(r"^[/\w.\- :]*$")
@@ -34,6 +40,25 @@ class Record(NamedTuple):
     value: float | str
     step: int
     time: float
+
+    def to_wire(self) -> dict[str, Any]:
+        """The record as JSON values by field name."""
+        return {"kind": self.kind, "key": self.key, "value": self.value, "step": self.step, "time": self.time}
+
+
+@dataclass(frozen=True)
+class Analytics:
+    """The event a tracking writer fires on its site's bus; a site forwards it to the server."""
+
+    name: ClassVar[str] = "analytics"
+    record: Record
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.record.to_wire()
+
+
+FED_ANALYTICS = FED_PREFIX + Analytics.name
+"""The name of sites' tracking records on the server (with the default forwarding prefix)."""
 
 
 def check_key(key: Any, what: str = "key") -> str:
@@ -119,16 +144,24 @@ def check_timestamp_ms(timestamp: Any, key: str) -> float:
     return milliseconds / 1000
 
 
+def check_text(value: Any, kind: str, key: str) -> str:
+    """A param, tag or text value: a str no longer than what every backend stores in full."""
+    if not isinstance(value, str):
+        raise TypeError(f"{kind} {key!r}: value must be a str, got {type(value).__name__}")
+    limit = {PARAM: MAX_PARAM_LENGTH, TAG: MAX_TAG_LENGTH}.get(kind, MAX_TEXT_LENGTH)
+    if len(value) > limit:
+        hint = " (log long text with log_text)" if kind in (PARAM, TAG) else ""
+        raise ValueError(f"{kind} {key!r}: value has {len(value):,} characters, more than the {limit:,} allowed{hint}")
+    return value
+
+
 def from_wire(data: Any) -> Record:
     """Rebuild and re-check a record that arrived from a site; raises ``ValueError``/``TypeError`` if invalid."""
-    if not isinstance(data, (list, tuple)) or len(data) != len(Record._fields):
-        raise ValueError(f"a tracking record has {len(Record._fields)} fields, got {data!r:.80}")
-    kind, key, value, step, wall_time = data
+    if not isinstance(data, dict) or set(data) != set(Record._fields):
+        raise ValueError(f"a tracking record has the fields {', '.join(Record._fields)}, got {data!r:.80}")
+    kind, key = data["kind"], data["key"]
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
     key = check_path(key) if kind == ARTIFACT else check_key(key)
-    if kind == METRIC:
-        value = check_value(value, key)
-    elif not isinstance(value, str):
-        raise TypeError(f"{kind} {key!r}: value must be a str")
-    return Record(kind, key, value, check_step(step, key), check_time(wall_time, key))
+    value = check_value(data["value"], key) if kind == METRIC else check_text(data["value"], kind, key)
+    return Record(kind, key, value, check_step(data["step"], key), check_time(data["time"], key))

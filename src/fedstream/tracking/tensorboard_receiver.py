@@ -19,14 +19,15 @@ import itertools
 import logging
 import os
 import socket
-import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedstream.events import ANALYTICS, ROUND_COMPLETED, Event
-from fedstream.server.receiver import JobInfo, JobOutcome, Receiver, ReceiverReport
-from fedstream.tracking.records import METRIC, PARAM, TAG, Record, from_wire
+from fedstream.events import Event, Forwarded
+from fedstream.server.receiver import JobInfo, JobOutcome, Receiver
+from fedstream.tracking.records import FED_ANALYTICS, METRIC, PARAM, TAG, Record, from_wire
+from fedstream.workflows.base import RoundCompleted
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +41,34 @@ class TensorBoardReceiver(Receiver):
         folder: folder under the server's workspace.
         events: event names to write: sites' tracking records (``fed.analytics``) and the global metrics
             FedAvg reports each round (``round_completed``).
+        flush_interval_s: how often written records are flushed to the files.
+        max_pending: records held before the sites are slowed down.
+        stop_timeout_s: at the end, how long to keep writing what is left.
     """
 
     def __init__(
         self,
         *,
         folder: str = "tb_events",
-        events: list[str] = ["fed." + ANALYTICS, ROUND_COMPLETED],  # noqa: B006 - never mutated
+        events: list[str] = [FED_ANALYTICS, RoundCompleted.name],  # noqa: B006 - never mutated
+        flush_interval_s: float = 1.0,
+        max_pending: int = 100_000,
+        stop_timeout_s: float = 60.0,
     ) -> None:
         if not folder or Path(folder).is_absolute() or ".." in Path(folder).parts:
             raise ValueError(f"folder must be a relative path inside the workspace, got {folder!r}")
-        self.events = list(events)
+        super().__init__(
+            events=events,
+            batch_size=10_000,
+            flush_interval_s=flush_interval_s,
+            max_pending=max_pending,
+            stop_timeout_s=stop_timeout_s,
+        )
         self._folder = folder
         self._root: Path | None = None
         self._writers: dict[str, EventFile] = {}
-        self._lock = threading.Lock()
-        self._report = ReceiverReport()
 
-    def start(self, job: JobInfo) -> None:
+    def open(self, job: JobInfo) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
         from tensorboard.plugins.text import metadata as text_metadata
 
@@ -65,34 +76,38 @@ class TensorBoardReceiver(Receiver):
         self._text_metadata = text_metadata.create_summary_metadata(display_name=None, description=None)
         self._root = job.workspace / self._folder
         self._root.mkdir(parents=True, exist_ok=True)
-        self._report.details.update({"logdir": str(self._root), "view": f"tensorboard --logdir {self._root}"})
+        self.details.update({"logdir": str(self._root), "view": f"tensorboard --logdir {self._root}"})
 
-    def handle(self, event: Event) -> None:
-        with self._lock:
-            if event.name == ROUND_COMPLETED:
-                summary, now = event.data, time.time()
+    def write(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if isinstance(event, RoundCompleted):
+                summary = event.summary
                 for key, value in summary.metrics.items():
-                    self._report.received += 1
-                    self._write(SERVER_RUN, Record(METRIC, key, float(value), summary.round, now))
-                for writer in self._writers.values():
-                    writer.flush()
-                return
-            self._report.received += 1
-            try:
-                record = from_wire(event.data)
-            except (TypeError, ValueError) as exc:
-                self._drop(f"{event.site}: invalid record: {exc}")
-                return
-            self._write(event.site, record)
+                    self._write(SERVER_RUN, Record(METRIC, key, float(value), summary.round, summary.ended_at))
+            elif isinstance(event, Forwarded):
+                try:
+                    record = from_wire(event.data)
+                except (TypeError, ValueError) as exc:
+                    self.refuse(1, f"{event.site}: invalid record: {exc}")
+                    continue
+                self._write(event.site, record)
+            else:
+                self.refuse(1, f"cannot write a {event.name!r} event")
+        for writer in self._writers.values():
+            writer.flush()
 
-    def _write(self, site: str, record: Record) -> None:
+    def close(self, outcome: JobOutcome) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self.details["runs"] = sorted(self._writers)
+
+    def _write(self, run: str, record: Record) -> None:
         if record.kind == METRIC:
             assert isinstance(record.value, float)
-            self._scalar(site, record.key, record.value, record.step, record.time)
+            self._scalar(run, record.key, record.value, record.step, record.time)
         else:
             prefix = {PARAM: "param/", TAG: "tag/"}.get(record.kind, "")
-            self._text(site, prefix + record.key, str(record.value), record.step, record.time)
-        self._report.written += 1
+            self._text(run, prefix + record.key, str(record.value), record.step, record.time)
 
     def _scalar(self, run: str, tag: str, value: float, step: int, wall_time: float) -> None:
         event_pb2, summary_pb2, _, _ = self._pb
@@ -112,21 +127,6 @@ class TensorBoardReceiver(Receiver):
             assert self._root is not None
             writer = self._writers[run] = EventFile(self._root / run)
         return writer
-
-    def _drop(self, reason: str) -> None:
-        self._report.dropped += 1
-        if len(self._report.errors) < 10:
-            self._report.errors.append(reason)
-        log.warning("tensorboard: dropped a record: %s", reason)
-
-    def stop(self, outcome: JobOutcome) -> None:
-        with self._lock:
-            for writer in self._writers.values():
-                writer.close()
-            self._report.details["runs"] = sorted(self._writers)
-
-    def report(self) -> ReceiverReport:
-        return self._report
 
 
 class EventFile:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from fedstream.events import ANALYTICS, Event
 from fedstream.site.context import SiteContext, current_site
 from fedstream.tracking.records import (
     ARTIFACT,
@@ -26,10 +25,12 @@ from fedstream.tracking.records import (
     PARAM,
     TAG,
     TEXT,
+    Analytics,
     Record,
     check_key,
     check_path,
     check_step,
+    check_text,
     check_time,
     check_timestamp_ms,
     check_value,
@@ -38,27 +39,36 @@ from fedstream.tracking.records import (
 
 def _step(site: SiteContext, key: str, step: Any) -> int:
     """The step to use: the given one, or the next after the last one used for ``key`` on this site."""
-    steps = site.auto_steps
-    chosen = steps.get(key, 0) if step is None else check_step(step, key)
-    if chosen >= steps.get(key, 0):
-        steps[key] = chosen + 1
-    return chosen
+    return site.auto_steps.get(key, 0) if step is None else check_step(step, key)
 
 
-def _emit(site: SiteContext, record: Record) -> None:
-    site.bus.fire(Event(ANALYTICS, record))
+def _emit(site: SiteContext, records: list[Record]) -> None:
+    """Send checked records, and only then advance the automatic steps: a call is all or nothing."""
+    for record in records:
+        site.emit(Analytics(record))
+    for record in records:
+        if record.kind in (METRIC, TEXT, ARTIFACT) and record.step >= site.auto_steps.get(record.key, 0):
+            site.auto_steps[record.key] = record.step + 1
 
 
-def _metric(site: SiteContext, key: Any, value: Any, step: Any, wall_time: float) -> None:
-    key = check_key(key, "metric name")
-    number = check_value(value, key)
-    _emit(site, Record(METRIC, key, number, _step(site, key, step), wall_time))
+def _metrics(site: SiteContext, values: Mapping[Any, Any], step: Any, wall_time: float, prefix: str = "") -> None:
+    """Check every metric of one call first, then send them all."""
+    records = []
+    for key, value in values.items():
+        name = check_key(f"{prefix}{key}" if prefix else key, "metric name")
+        records.append(Record(METRIC, name, check_value(value, name), _step(site, name, step), wall_time))
+    _emit(site, records)
 
 
-def _label(kind: str, key: Any, value: Any) -> None:
-    """A param or a tag: a checked name and a value stored as text."""
+def _labels(kind: str, values: Mapping[Any, Any]) -> None:
+    """Params or tags: checked names and values stored as text, all or nothing."""
     site = current_site()
-    _emit(site, Record(kind, check_key(key, f"{kind} name"), str(value), 0, time.time()))
+    now = time.time()
+    records = []
+    for key, value in values.items():
+        name = check_key(key, f"{kind} name")
+        records.append(Record(kind, name, check_text(str(value), kind, name), 0, now))
+    _emit(site, records)
 
 
 def _now(wall_time: Any, key: str) -> float:
@@ -76,39 +86,40 @@ class MLflowWriter:
 
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
         """Log one metric value; ``timestamp`` is in milliseconds since the epoch (default: now)."""
-        wall_time = time.time() if timestamp is None else check_timestamp_ms(timestamp, key)
-        _metric(current_site(), key, value, step, wall_time)
+        wall_time = time.time() if timestamp is None else check_timestamp_ms(timestamp, str(key))
+        _metrics(current_site(), {key: value}, step, wall_time)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, timestamp: int | None = None) -> None:
-        """Log several metrics at the same step and time."""
+        """Log several metrics at the same step and time; if one is invalid, none is logged."""
         site = current_site()
         wall_time = time.time() if timestamp is None else check_timestamp_ms(timestamp, "timestamp")
-        for key, value in _mapping(metrics, "metrics").items():
-            _metric(site, key, value, step, wall_time)
+        _metrics(site, _mapping(metrics, "metrics"), step, wall_time)
 
     def log_param(self, key: str, value: Any) -> None:
-        """Log a parameter (stored as text; logged once per run, a different later value is reported)."""
-        _label(PARAM, key, value)
+        """Log a parameter (stored as text, at most 6,000 characters; the first value of a key is kept, a
+        different later value is reported)."""
+        _labels(PARAM, {key: value})
 
     def log_params(self, params: dict[str, Any]) -> None:
-        for key, value in _mapping(params, "params").items():
-            self.log_param(key, value)
+        """Log several parameters; if one is invalid, none is logged."""
+        _labels(PARAM, _mapping(params, "params"))
 
     def set_tag(self, key: str, value: Any) -> None:
-        """Set a tag on the site's run (the last value wins)."""
-        _label(TAG, key, value)
+        """Set a tag on the site's run (stored as text, at most 8,000 characters; the last value wins)."""
+        _labels(TAG, {key: value})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for key, value in _mapping(tags, "tags").items():
-            self.set_tag(key, value)
+        """Set several tags; if one is invalid, none is set."""
+        _labels(TAG, _mapping(tags, "tags"))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        """Store ``text`` as the file ``artifact_file`` (a relative path) of the site's run."""
+        """Store ``text`` (at most 1,000,000 characters) as the file ``artifact_file`` (a relative path) of the
+        site's run."""
         site = current_site()
+        path = check_path(artifact_file)
         if not isinstance(text, str):
             raise TypeError(f"log_text: text must be a str, got {type(text).__name__}")
-        path = check_path(artifact_file)
-        _emit(site, Record(ARTIFACT, path, text, _step(site, path, None), time.time()))
+        _emit(site, [Record(ARTIFACT, path, check_text(text, ARTIFACT, path), _step(site, path, None), time.time())])
 
 
 class SummaryWriter:
@@ -120,7 +131,7 @@ class SummaryWriter:
     def add_scalar(
         self, tag: str, scalar_value: float, global_step: int | None = None, walltime: float | None = None
     ) -> None:
-        _metric(current_site(), tag, scalar_value, global_step, _now(walltime, tag))
+        _metrics(current_site(), {tag: scalar_value}, global_step, _now(walltime, str(tag)))
 
     def add_scalars(
         self,
@@ -130,9 +141,8 @@ class SummaryWriter:
         walltime: float | None = None,
     ) -> None:
         site = current_site()
-        wall_time = _now(walltime, main_tag)
-        for key, value in _mapping(tag_scalar_dict, "tag_scalar_dict").items():
-            _metric(site, f"{main_tag}/{key}", value, global_step, wall_time)
+        main = check_key(main_tag, "main tag")
+        _metrics(site, _mapping(tag_scalar_dict, "tag_scalar_dict"), global_step, _now(walltime, main), f"{main}/")
 
     def add_text(
         self, tag: str, text_string: str, global_step: int | None = None, walltime: float | None = None
@@ -141,7 +151,8 @@ class SummaryWriter:
         tag = check_key(tag, "text tag")
         if not isinstance(text_string, str):
             raise TypeError(f"add_text: text must be a str, got {type(text_string).__name__}")
-        _emit(site, Record(TEXT, tag, text_string, _step(site, tag, global_step), _now(walltime, tag)))
+        text = check_text(text_string, TEXT, tag)
+        _emit(site, [Record(TEXT, tag, text, _step(site, tag, global_step), _now(walltime, tag))])
 
     def add_hparams(
         self,
@@ -150,12 +161,21 @@ class SummaryWriter:
         global_step: int | None = None,
     ) -> None:
         """Hyper-parameters become params, their metrics become metrics."""
-        writer = MLflowWriter()
-        writer.log_params(hparam_dict)
         site = current_site()
-        wall_time = time.time()
-        for key, value in _mapping(metric_dict, "metric_dict").items():
-            _metric(site, key, value, global_step, wall_time)
+        now = time.time()
+        params = [
+            Record(PARAM, name, check_text(str(value), PARAM, name), 0, now)
+            for name, value in (
+                (check_key(k, "param name"), v) for k, v in _mapping(hparam_dict, "hparam_dict").items()
+            )
+        ]
+        metrics = [
+            Record(METRIC, name, check_value(value, name), _step(site, name, global_step), now)
+            for name, value in (
+                (check_key(k, "metric name"), v) for k, v in _mapping(metric_dict, "metric_dict").items()
+            )
+        ]
+        _emit(site, params + metrics)
 
     def flush(self) -> None:
         """Nothing to do: events are shipped continuously, and all of them before a task's result."""
@@ -168,7 +188,4 @@ class WandBWriter:
     """Weights & Biases-style ``log(dict, step)``: every entry is a metric."""
 
     def log(self, data: dict[str, float], step: int | None = None) -> None:
-        site = current_site()
-        wall_time = time.time()
-        for key, value in _mapping(data, "data").items():
-            _metric(site, key, value, step, wall_time)
+        _metrics(current_site(), _mapping(data, "data"), step, time.time())

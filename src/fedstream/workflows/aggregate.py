@@ -1,10 +1,32 @@
-"""Weighted averages accumulated as results arrive: memory of one model, whatever the number of sites."""
+"""Weighted averages accumulated as results arrive (memory of one model, whatever the number of sites), and
+the checks a site's weights pass before they count."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from fedstream.messages import Weights
+
+
+def check_weights(weights: Weights, like: Weights, *, finite: bool = True) -> None:
+    """Raise ``ValueError`` unless ``weights`` has exactly ``like``'s names, shapes and dtypes (and, with
+    ``finite``, only finite floating-point values). The message names the first problems."""
+    missing, extra = sorted(like.keys() - weights.keys()), sorted(weights.keys() - like.keys())
+    if missing or extra:
+        raise ValueError(f"the weights do not match the model: missing {_few(missing)}, unexpected {_few(extra)}")
+    for name, expected in like.items():
+        array = weights[name]
+        if array.shape != expected.shape:
+            raise ValueError(f"{name!r} has shape {array.shape}, the model's is {expected.shape}")
+        if array.dtype != expected.dtype:
+            raise ValueError(f"{name!r} has dtype {array.dtype}, the model's is {expected.dtype}")
+        if finite and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise ValueError(f"{name!r} holds {bad} NaN or infinite value(s)")
+
+
+def _few(names: list[str]) -> str:
+    return str(names[:5])[:-1] + (f", ... {len(names) - 5} more]" if len(names) > 5 else "]")
 
 
 class WeightedAverage:
@@ -17,23 +39,24 @@ class WeightedAverage:
         self.count = 0
 
     def add(self, arrays: Weights, weight: float) -> None:
-        """Add one contribution; all contributions must have the same names and shapes."""
+        """Add one contribution; all contributions must have the same names and shapes (checked before any
+        of it is added)."""
         if not weight > 0:
             raise ValueError(f"a contribution's weight must be positive, got {weight}")
-        if self._sums and arrays.keys() != self._sums.keys():
-            missing = sorted(self._sums.keys() - arrays.keys())
-            extra = sorted(arrays.keys() - self._sums.keys())
-            raise ValueError(f"weights do not match the model: missing {missing}, unexpected {extra}")
+        if self._sums:
+            missing, extra = sorted(self._sums.keys() - arrays.keys()), sorted(arrays.keys() - self._sums.keys())
+            if missing or extra:
+                raise ValueError(f"weights do not match the model: missing {missing}, unexpected {extra}")
+            for name, array in arrays.items():
+                if array.shape != self._sums[name].shape:
+                    raise ValueError(f"{name!r} has shape {array.shape}, expected {self._sums[name].shape}")
         for name, array in arrays.items():
             scaled = np.multiply(array, weight, dtype=np.float64)
-            total = self._sums.get(name)
-            if total is None:
+            if name in self._sums:
+                self._sums[name] += scaled
+            else:
                 self._sums[name] = scaled
                 self._dtypes[name] = array.dtype
-            elif total.shape != array.shape:
-                raise ValueError(f"{name!r} has shape {array.shape}, expected {total.shape}")
-            else:
-                total += scaled
         self.total_weight += weight
         self.count += 1
 

@@ -25,11 +25,12 @@ from typing import Literal
 import numpy as np
 
 from fedstream.errors import ConfigError, JobFailed
-from fedstream.events import ROUND_COMPLETED, ROUND_STARTED, Event
-from fedstream.messages import TRAIN, VALIDATE, Result, Weights
-from fedstream.server.federation import Federation, Reply
-from fedstream.workflows.aggregate import MetricAverage, WeightedAverage
-from fedstream.workflows.base import RoundStarted, RoundSummary, Workflow
+from fedstream.messages import TRAIN, VALIDATE, Failure, Payload, Result, Weights
+from fedstream.server.dispatch import Reply
+from fedstream.server.federation import Federation
+from fedstream.server.models import ModelStore
+from fedstream.workflows.aggregate import MetricAverage, WeightedAverage, check_weights
+from fedstream.workflows.base import RoundCompleted, RoundStarted, RoundSummary, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class FedAvg(Workflow):
         key_metric: the validation metric that picks the best model.
         key_metric_mode: whether a ``max`` or a ``min`` of the key metric is best.
         stop_condition: stop early when it holds, e.g. ``"accuracy >= 0.6"``; empty never stops early.
+        reject_non_finite: leave out a site whose trained weights hold NaN or infinite values.
+        max_samples: the largest sample count a site may report (a larger one would swamp the average).
     """
 
     def __init__(
@@ -72,6 +75,8 @@ class FedAvg(Workflow):
         key_metric: str = "accuracy",
         key_metric_mode: Literal["max", "min"] = "max",
         stop_condition: str = "",
+        reject_non_finite: bool = True,
+        max_samples: int = 10**9,
     ) -> None:
         if num_rounds < 1:
             raise ConfigError(f"must be at least 1, got {num_rounds}", key="num_rounds")
@@ -88,8 +93,10 @@ class FedAvg(Workflow):
             ("task_timeout_s", task_timeout_s),
             ("wait_after_min_clients_s", wait_after_min_clients_s),
         ):
-            if value < 0:
-                raise ConfigError(f"must be 0 or more, got {value}", key=name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"must be a finite number of seconds, 0 or more, got {value}", key=name)
+        if max_samples < 1:
+            raise ConfigError(f"must be at least 1, got {max_samples}", key="max_samples")
         self.stop = None
         if stop_condition:
             match = _CONDITION.match(stop_condition)
@@ -108,6 +115,8 @@ class FedAvg(Workflow):
         self.validate_on = validate_on
         self.key_metric = key_metric
         self.key_metric_mode = key_metric_mode
+        self.reject_non_finite = reject_non_finite
+        self.max_samples = max_samples
 
     def check(self, sites: Sequence[str]) -> None:
         if self.min_clients > len(sites):
@@ -136,15 +145,16 @@ class FedAvg(Workflow):
         chosen = np.random.default_rng([self.seed, round]).choice(len(sites), size=count, replace=False)
         return [sites[i] for i in sorted(chosen)]
 
-    def run(self, federation: Federation, weights: Weights) -> None:
+    def run(self, federation: Federation, models: ModelStore, weights: Weights) -> None:
         best: float | None = None
         for round in range(1, self.num_rounds + 1):
-            weights, summary = self._round(federation, round, weights)
+            weights, summary = self._round(federation, models, round, weights)
+            self._check_metrics(summary)
             score = summary.metrics[self.key_metric]
             if best is None or (score > best if self.key_metric_mode == "max" else score < best):
                 best = score
-                federation.models.save("best", weights)
-            federation.bus.fire(Event(ROUND_COMPLETED, summary))
+                models.save("best", weights)
+            federation.bus.fire(RoundCompleted(summary))
             log.info(
                 "round %d/%d done in %.1f s: %s",
                 round,
@@ -156,58 +166,84 @@ class FedAvg(Workflow):
                 log.info("round %d: stop condition %s %s %g holds; stopping early", round, *self.stop)
                 break
 
-    def _round(self, federation: Federation, round: int, weights: Weights) -> tuple[Weights, RoundSummary]:
+    def _round(
+        self, federation: Federation, models: ModelStore, round: int, weights: Weights
+    ) -> tuple[Weights, RoundSummary]:
         """Train, average, save and validate once; returns the new global weights and the round's summary."""
         started = time.monotonic()
         sampled = self.sample(federation.sites, round)
-        federation.bus.fire(Event(ROUND_STARTED, RoundStarted(round, self.num_rounds)))
+        federation.bus.fire(RoundStarted(round, self.num_rounds))
         log.info("round %d/%d: training on %d site(s)", round, self.num_rounds, len(sampled))
 
         average = WeightedAverage()
-        trained = self._collect(
-            federation, TRAIN, round, sampled, weights, lambda r: average.add(r.weights, r.num_samples)
-        )
+        like = weights
+
+        def add_trained(result: Result) -> None:
+            self._check_samples(result)
+            check_weights(result.weights, like, finite=self.reject_non_finite)
+            average.add(result.weights, result.num_samples)
+
+        trained = self._collect(federation, TRAIN, round, sampled, Payload(weights), add_trained)
         weights = average.result()
-        federation.models.save("global", weights)
+        models.save("global", weights)
 
         validators = federation.sites if self.validate_on == "all" else sampled
         metrics = MetricAverage()
-        validated = self._collect(
-            federation, VALIDATE, round, validators, weights, lambda r: metrics.add(r.metrics, r.num_samples)
-        )
-        global_metrics = metrics.result()
-        if self.key_metric not in global_metrics:
-            raise JobFailed(
-                f"round {round}: key_metric {self.key_metric!r} is not among the validation metrics "
-                f"({', '.join(sorted(global_metrics)) or 'none'}); set server.workflow.args.key_metric"
-            )
+
+        def add_validated(result: Result) -> None:
+            self._check_samples(result)
+            metrics.add(result.metrics, result.num_samples)
+
+        validated = self._collect(federation, VALIDATE, round, validators, Payload(weights), add_validated)
         summary = RoundSummary(
             round=round,
             duration_s=time.monotonic() - started,
             clients=trained.sites,
             num_samples=int(average.total_weight),
-            metrics=global_metrics,
-            failed={**validated.failed, **trained.failed},
+            metrics=metrics.result(),
+            validated=validated.sites,
+            failed=trained.failed + validated.failed,
+            ended_at=time.time(),
         )
         return weights, summary
+
+    def _check_samples(self, result: Result) -> None:
+        if not 1 <= result.num_samples <= self.max_samples:
+            raise ValueError(
+                f"num_samples must be from 1 to {self.max_samples} (max_samples), got {result.num_samples}"
+            )
+
+    def _check_metrics(self, summary: RoundSummary) -> None:
+        """The key metric and the stop condition's metric must be among the validation metrics."""
+        names = ", ".join(sorted(summary.metrics)) or "none"
+        if self.key_metric not in summary.metrics:
+            raise JobFailed(
+                f"round {summary.round}: key_metric {self.key_metric!r} is not among the validation metrics "
+                f"({names}); set server.workflow.args.key_metric"
+            )
+        if self.stop is not None and self.stop[0] not in summary.metrics:
+            raise JobFailed(
+                f"round {summary.round}: stop_condition names {self.stop[0]!r}, which is not among the validation "
+                f"metrics ({names}); fix server.workflow.args.stop_condition"
+            )
 
     def _should_stop(self, metrics: dict[str, float]) -> bool:
         assert self.stop is not None
         key, op, threshold = self.stop
-        return key in metrics and _COMPARE[op](metrics[key], threshold)
+        return _COMPARE[op](metrics[key], threshold)
 
     def _collect(
         self,
         federation: Federation,
-        task: str,
+        kind: str,
         round: int,
         sites: Sequence[str],
-        weights: Weights,
+        payload: Payload,
         accept: Callable[[Result], None],
     ) -> RoundReplies:
-        """Send ``task`` to ``sites`` and pass each good result to ``accept`` until enough have answered."""
+        """Send ``kind`` tasks to ``sites`` and pass each good result to ``accept`` until enough have answered."""
         needed = min(self.min_clients, len(sites))
-        dispatch = federation.dispatch(task, round, self.num_rounds, weights, sites, self.task_timeout_s)
+        dispatch = federation.dispatch(kind, round, self.num_rounds, dict.fromkeys(sites, payload), self.task_timeout_s)
         replies = RoundReplies()
         longest = 0.0
         while (reply := dispatch.next_reply()) is not None:
@@ -216,36 +252,46 @@ class FedAvg(Workflow):
                 if len(replies.sites) == needed:
                     dispatch.give_up_late(longest, self.wait_after_min_clients_s)
             else:
-                log.warning("round %d: %s at %s failed: %s", round, task, reply.site, reply.error)
+                log.warning("round %d: %s at %s failed: %s", round, kind, reply.site, replies.failed[-1].reason)
             if len(replies.sites) + len(dispatch.pending) < needed:
                 break
         dispatch.cancel()
         replies.sites.sort(key=sites.index)
         if len(replies.sites) < needed:
-            causes = "; ".join(f"{site}: {why}" for site, why in replies.failed.items()) or "no answer"
             raise JobFailed(
-                f"round {round}: {task}: only {len(replies.sites)} of {len(sites)} sites answered and min_clients is "
-                f"{self.min_clients} ({causes})"
+                f"round {round}: {kind}: only {len(replies.sites)} of {len(sites)} sites answered and min_clients is "
+                f"{self.min_clients} ({summarize(replies.failed) or 'no answer'})"
             )
         return replies
 
 
 class RoundReplies:
-    """The sites that answered a task well, and why the others did not."""
+    """The sites that answered a task well, and the failures of the others."""
 
     def __init__(self) -> None:
         self.sites: list[str] = []
-        self.failed: dict[str, str] = {}
+        self.failed: list[Failure] = []
 
     def take(self, reply: Reply, accept: Callable[[Result], None]) -> bool:
         """Record ``reply``; a good result goes to ``accept``. Returns whether it was good."""
-        if reply.result is not None and reply.ok:
+        if reply.result is not None and reply.failure is None:
             try:
                 accept(reply.result)
             except ValueError as exc:
-                self.failed[reply.site] = f"unusable result: {exc}"
+                self.failed.append(Failure(reply.site, reply.kind, f"unusable result: {exc}"))
                 return False
             self.sites.append(reply.site)
             return True
-        self.failed[reply.site] = reply.error
+        assert reply.failure is not None
+        self.failed.append(reply.failure)
         return False
+
+
+def summarize(failures: Sequence[Failure], limit: int = 5) -> str:
+    """``site: reason; ...`` for the first ``limit`` failures, then how many more (and of how many causes)."""
+    shown = "; ".join(f"{failure.site}: {failure.reason}" for failure in failures[:limit])
+    rest = failures[limit:]
+    if rest:
+        causes = len({failure.reason for failure in rest})
+        shown += f"; and {len(rest)} more site(s) ({causes} other cause(s); see result.json)"
+    return shown

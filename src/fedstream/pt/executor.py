@@ -1,0 +1,97 @@
+"""Run a job's PyTorch :class:`~fedstream.pt.trainer.Trainer` as a site's executor.
+
+It builds the job's model and trainer on the site, loads the server's weights into the model before every
+task, calls ``train`` or ``validate``, checks what they return (a clear error naming the trainer when it is
+not what the API promises), and sends the model's weights back after training.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from torch import nn
+
+from fedstream.config import Job
+from fedstream.messages import TRAIN, VALIDATE, Task
+from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
+from fedstream.site.context import SiteContext
+from fedstream.site.executor import Executor, TaskOutput
+
+MAX_SAMPLES = 10**12
+"""More samples than any site has: a larger count is a bug that would swamp the weighted average."""
+
+
+class TrainerExecutor(Executor):
+    """Builds ``job``'s model and trainer for a site and runs its tasks."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._trainer: Trainer | None = None
+
+    def setup(self, site: SiteContext) -> None:
+        model = self._job.component("model").build(nn.Module)
+        trainer = self._job.component("client.trainer").build(Trainer)
+        trainer.attach(site, model)
+        trainer.setup()
+        self._trainer = trainer
+
+    def execute(self, task: Task) -> TaskOutput:
+        trainer = self._trainer
+        assert trainer is not None, "setup() runs before the first task"
+        trainer.set_weights(task.payload.weights)
+        info = TaskInfo(task.kind, task.round, task.num_rounds)
+        name = type(trainer).__qualname__
+        if task.kind == TRAIN:
+            trained = trainer.train(info)
+            if not isinstance(trained, TrainOutput):
+                raise TypeError(f"{name}.train() must return a fedstream.TrainOutput, got {_kind(trained)}")
+            return TaskOutput(
+                _samples(trained.num_samples, f"{name}.train()", minimum=1),
+                _metrics(trained.metrics, f"{name}.train()"),
+                trainer.get_weights(),
+            )
+        if task.kind == VALIDATE:
+            validated = trainer.validate(info)
+            if not isinstance(validated, ValidationOutput):
+                raise TypeError(f"{name}.validate() must return a fedstream.ValidationOutput, got {_kind(validated)}")
+            return TaskOutput(
+                _samples(validated.num_samples, f"{name}.validate()", minimum=1),
+                _metrics(validated.metrics, f"{name}.validate()"),
+            )
+        raise ValueError(f"a Trainer runs 'train' and 'validate' tasks, not {task.kind!r}")
+
+    def release(self) -> None:
+        if self._trainer is not None:
+            self._trainer.release()
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r:.80}"
+
+
+def _samples(value: Any, where: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: num_samples must be an int, got {_kind(value)}")
+    if not minimum <= int(value) <= MAX_SAMPLES:
+        raise ValueError(
+            f"{where}: num_samples must be from {minimum} to {MAX_SAMPLES:.0e}, got {value} "
+            "(the count of samples the task used; it weights the site in the average)"
+        )
+    return int(value)
+
+
+def _metrics(metrics: Any, where: str) -> dict[str, float]:
+    if not isinstance(metrics, dict):
+        raise TypeError(f"{where}: metrics must be a dict of names to numbers, got {_kind(metrics)}")
+    checked = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{where}: metric names must be str, got {_kind(key)}")
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError(f"{where}: metric {key!r} must be a number, got {_kind(value)}")
+        try:
+            checked[key] = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"{where}: metric {key!r} must be a number, got {_kind(value)}") from None
+    return checked

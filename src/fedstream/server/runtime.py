@@ -1,0 +1,285 @@
+"""Host one job on the server, over any link: workflow, federation, receivers, models and ``result.json``.
+
+:func:`build` makes the job's server components (and checks them against the sites) before anything is
+started; :class:`ServerRuntime` runs them. The simulator composes it with its pipe link; a deployed server
+with its network link. Whatever happens (a failure, Ctrl-C, SIGTERM), ``result.json`` says how the job
+ended and the receivers close their runs; a second interrupt only shortens the wait for the receivers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import secrets
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from types import FrameType
+from typing import Any, ClassVar
+
+from fedstream.config import Job
+from fedstream.errors import ConfigError, FedstreamError
+from fedstream.events import EventBus
+from fedstream.link import ServerLink
+from fedstream.messages import Weights
+from fedstream.server.federation import Federation, SiteJoined, SiteLeft
+from fedstream.server.models import ModelStore
+from fedstream.server.receiver import JobInfo, JobOutcome, Receiver
+from fedstream.workflows.base import RoundCompleted, RoundStarted, RoundSummary, Workflow
+from fedstream.workspace import LOG, Workspace
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_TRACKING_INCOMPLETE = 3
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class ServerComponents:
+    """The job's server side, built and checked: its workflow and its receivers by name."""
+
+    workflow: Workflow
+    receivers: dict[str, Receiver]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The content of ``result.json`` and the process exit code it implies."""
+
+    data: dict[str, Any]
+    exit_code: int
+    workspace: Workspace
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """The job ended; ``result`` is what ``result.json`` holds."""
+
+    name: ClassVar[str] = "job_finished"
+    result: dict[str, Any]
+
+
+def build(job: Job, sites: Sequence[str]) -> ServerComponents:
+    """Build the workflow and receivers of ``job`` and check the workflow against ``sites``."""
+    workflow = job.component("server.workflow").build(Workflow)
+    try:
+        workflow.check(sites)
+    except ConfigError as exc:
+        raise exc.located(file=job.source, prefix="server.workflow.args") from exc
+    receivers = {
+        name: job.component(f"server.receivers.{name}").build(Receiver) for name in job.config.server.receivers
+    }
+    return ServerComponents(workflow, receivers)
+
+
+def new_job_id() -> str:
+    """A job id that sorts by start time and does not collide: ``20261128-173012-3f2a9c``."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def initial_weights(job: Job) -> Weights:
+    """The job's model, built with the job's seed, as numpy arrays."""
+    import torch
+
+    torch.manual_seed(job.config.seed)
+    model = job.component("model").build(torch.nn.Module)
+    return {name: tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}
+
+
+class ServerRuntime:
+    """Runs one job's server side over a link.
+
+    Args:
+        job: the validated job.
+        components: its server components (:func:`build`).
+        workspace: where outputs go.
+        sites: the job's sites.
+        job_id: the job's unique id.
+        bus: the server's event bus; the caller may subscribe to it first (a progress view).
+        details: extra ``result.json`` entries of the composition (the simulator's worker count).
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        components: ServerComponents,
+        workspace: Workspace,
+        sites: Sequence[str],
+        *,
+        job_id: str,
+        bus: EventBus | None = None,
+        details: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.job = job
+        self.components = components
+        self.workspace = workspace
+        self.sites = list(sites)
+        self.job_id = job_id
+        self.bus = bus or EventBus()
+        self._details = details
+        self._rounds: list[RoundSummary] = []
+        self._membership: list[dict[str, Any]] = []
+        self._round = 0
+        self._finishing = False
+        self._signal = 0
+
+    def run(self, link: ServerLink) -> RunResult:
+        """Run the job over ``link`` and write ``result.json``; never raises for a job that went wrong."""
+        began = time.monotonic()
+        self._subscribe()
+        federation = Federation(self.sites, self.bus)
+        models = ModelStore(self.workspace.models)
+        started: list[Receiver] = []
+        status, error, exit_code = "completed", "", EXIT_OK
+        startup_s = 0.0
+        with self._signals():
+            try:
+                weights = initial_weights(self.job)
+                info = JobInfo(
+                    self.job.name,
+                    self.job_id,
+                    self.job.config.description,
+                    tuple(self.sites),
+                    self.workspace.server,
+                    self.job.to_dict(),
+                )
+                for name, receiver in self.components.receivers.items():
+                    receiver.start(info)
+                    started.append(receiver)
+                    for event_name in receiver.events:
+                        self.bus.subscribe(event_name, receiver.handle)
+                    log.info("receiver %s listens to %s", name, ", ".join(receiver.events))
+                federation.start(link)
+                startup_s = time.monotonic() - began
+                self.components.workflow.run(federation, models, weights)
+                link.close()
+            except KeyboardInterrupt:
+                how = "SIGTERM" if self._signal == signal.SIGTERM else "Ctrl-C"
+                status, error, exit_code = "failed", f"interrupted ({how})", EXIT_INTERRUPTED
+                log.warning("interrupted (%s); stopping the sites", how)
+                link.terminate()
+            except FedstreamError as exc:
+                status, error, exit_code = "failed", str(exc), EXIT_FAILED
+                log.error("job failed: %s", exc)
+                link.close()
+            except Exception as exc:
+                status, error, exit_code = "failed", f"internal error: {type(exc).__name__}: {exc}", EXIT_FAILED
+                log.error("job failed with an internal error:\n%s", traceback.format_exc())
+                link.terminate()
+            self._finishing = True
+            outcome = JobOutcome("interrupted" if self._signal else status, error, dict(models.paths))
+            tracking: dict[str, Any] = {
+                "events": {
+                    "received": dict(federation.inbox.received),
+                    "duplicates": dict(federation.inbox.duplicates),
+                }
+            }
+            for name, receiver in self.components.receivers.items():
+                if receiver in started:
+                    receiver.stop(outcome)
+                report = receiver.report()
+                tracking[name] = {
+                    "received": report.received,
+                    "written": report.written,
+                    "dropped": report.dropped,
+                    "errors": report.errors,
+                    **report.details,
+                }
+                if status == "completed" and (report.errors or report.dropped):
+                    exit_code = EXIT_TRACKING_INCOMPLETE
+            if self.bus.errors:
+                tracking["handler_errors"] = self.bus.errors
+                if status == "completed":
+                    exit_code = EXIT_TRACKING_INCOMPLETE
+            data = self._result(status, error, models, tracking, began, startup_s)
+            self.workspace.write_result(data)
+        self.bus.fire(JobFinished(data))
+        log.info("job %s %s in %.1f s", self.job.name, status, data["timing"]["total_s"])
+        return RunResult(data, exit_code, self.workspace)
+
+    def _subscribe(self) -> None:
+        def round_started(event: RoundStarted) -> None:
+            self._round = event.round
+
+        def left(event: SiteLeft) -> None:
+            self._membership.append({"round": self._round, "site": event.site, "left": event.reason})
+
+        def joined(event: SiteJoined) -> None:
+            if any(entry["site"] == event.site for entry in self._membership):
+                self._membership.append({"round": self._round, "site": event.site, "rejoined": True})
+
+        self.bus.subscribe(RoundStarted, round_started)
+        self.bus.subscribe(RoundCompleted, lambda event: self._rounds.append(event.summary))
+        self.bus.subscribe(SiteLeft, left)
+        self.bus.subscribe(SiteJoined, joined)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM interrupt the job once; during the wind-down they only hurry the receivers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def interrupt(number: int, frame: FrameType | None) -> None:
+            first = not self._signal
+            self._signal = self._signal or number
+            if self._finishing:
+                log.warning("interrupted again: not waiting for the tracking backends any longer")
+                for receiver in self.components.receivers.values():
+                    receiver.hurry()
+            elif first:
+                raise KeyboardInterrupt
+
+        previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _result(
+        self,
+        status: str,
+        error: str,
+        models: ModelStore,
+        tracking: dict[str, Any],
+        began: float,
+        startup_s: float,
+    ) -> dict[str, Any]:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        ws = self.workspace
+        return {
+            "job": self.job.name,
+            "job_id": self.job_id,
+            "status": status,
+            "error": error or None,
+            "clients": self.sites,
+            **(self._details() if self._details else {}),
+            "rounds": [_round(summary) for summary in self._rounds],
+            "membership": self._membership,
+            "models": {name: str(path) for name, path in models.paths.items()},
+            "timing": {
+                "total_s": round(time.monotonic() - began, 3),
+                "startup_s": round(startup_s, 3),
+                "server_cpu_s": round(own.ru_utime + own.ru_stime, 3),
+                "workers_cpu_s": round(children.ru_utime + children.ru_stime, 3),
+            },
+            "tracking": tracking,
+            "logs": {
+                "combined": str(ws.log),
+                "server": str(ws.server / LOG),
+                **{site: str(ws.site(site) / LOG) for site in self.sites},
+            },
+        }
+
+
+def _round(summary: RoundSummary) -> dict[str, Any]:
+    data = asdict(summary)
+    data["duration_s"] = round(summary.duration_s, 3)
+    return data

@@ -1,0 +1,88 @@
+"""One site at work: run its tasks with its executor, forward its events, never let its code take the
+process down.
+
+A failing task (an exception, or ``sys.exit`` in the site's code) is logged with its traceback in the site's
+log and answered with a :class:`~fedstream.messages.Failure` naming what the site was doing and why. Before
+a result leaves, the events the task produced have been acknowledged by the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedstream.config.schema import ForwardConfig
+from fedstream.messages import EventBatch, Failure, Result, Task
+from fedstream.site.context import SiteContext, restore, run_as
+from fedstream.site.executor import Executor
+from fedstream.site.outbox import Forwarder, Outbox
+
+SETUP = "setup"
+
+
+class Site:
+    """A site's context, event outbox and executor.
+
+    Args:
+        context: who the site is; its bus carries the events that ``forward`` names to the outbox.
+        executor: runs the site's tasks; set up before the first one.
+        send_events: where the outbox sends batches (the host's link).
+        forward: the local event names to ship to the server, and the prefix they get there.
+        stall_timeout_s: after a task, how long to wait for the server to acknowledge more events before
+            sending the result anyway (the wait goes on as long as acknowledgements arrive).
+    """
+
+    def __init__(
+        self,
+        context: SiteContext,
+        executor: Executor,
+        send_events: Callable[[EventBatch], None],
+        forward: ForwardConfig,
+        *,
+        stall_timeout_s: float = 60.0,
+    ) -> None:
+        self.context = context
+        self.outbox = Outbox(context.name, send_events)
+        Forwarder(context.bus, self.outbox, forward.events, forward.prefix)
+        self._executor = executor
+        self._ready = False
+        self._stall_timeout_s = stall_timeout_s
+
+    def handle(self, task: Task) -> Result:
+        """Run ``task``; a failure is in the result, never raised."""
+        token = run_as(self.context)
+        phase = task.kind
+        try:
+            if not self._ready:
+                phase = SETUP
+                self._executor.setup(self.context)
+                self._ready, phase = True, task.kind
+            output = self._executor.execute(task)
+            result = Result(
+                task.id, self.context.name, output.num_samples, output.metrics, output.weights, output.extra
+            )
+        except (Exception, SystemExit) as exc:
+            self.context.log.exception("%s in round %d failed", phase, task.round)
+            result = Result(task.id, self.context.name, failure=Failure(self.context.name, phase, _describe(exc)))
+        finally:
+            try:
+                self._executor.release()
+            finally:
+                restore(token)
+        if not self.outbox.flush(self._stall_timeout_s):
+            self.context.log.warning(
+                "the server acknowledged none of %d waiting events for %g s; the result goes ahead of them",
+                self.outbox.unacknowledged,
+                self._stall_timeout_s,
+            )
+        return result
+
+    def close(self) -> int:
+        """Deliver the remaining events and refuse new ones; returns how many could not be delivered."""
+        self.context.close()
+        return self.outbox.close(self._stall_timeout_s)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"the site's code called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
