@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 
 from fedstream.events import Forwarded
 from fedstream.server.receiver import JobInfo, JobOutcome
+from fedstream.server.receiver_host import ReceiverHost
 from fedstream.tracking import MLflowReceiver
 from fedstream.tracking.records import METRIC, Record
 from tests.faulty_proxy import FaultyProxy
@@ -16,15 +17,18 @@ from tests.mlflow_server import MlflowServer
 INTERNAL_ERROR = b'{"error_code": "INTERNAL_ERROR", "message": "cannot store this record"}'
 
 
-def started(tmp_path: Path, uri: str, **args: object) -> MLflowReceiver:
+def started(tmp_path: Path, uri: str, **args: object) -> ReceiverHost:
     receiver = MLflowReceiver(
         tracking_uri=uri,
         experiment_name=f"refusals-{tmp_path.name}",
         flush_interval_s=0.05,
         **args,  # type: ignore[arg-type]
     )
-    receiver.start(JobInfo("refusals", "job-1", "", ("site-1", "site-2"), tmp_path, {"name": "refusals"}))
-    return receiver
+    host = ReceiverHost("mlflow", receiver)
+    (tmp_path / "server").mkdir()
+    host.start(JobInfo("refusals", "job-1", "", ("site-1", "site-2"), tmp_path / "server", {"name": "refusals"}))
+    host.wait_open()
+    return host
 
 
 def metric(site: str, key: str, value: float, step: int) -> Forwarded:

@@ -99,6 +99,13 @@ def setup_server(workspace: Path, console: logging.Handler | None) -> None:
         root.addHandler(console)
 
 
+def setup_receiver(workspace: Path) -> None:
+    """A receiver's process: its records go to the server's log files, tagged ``server``."""
+    root = _reset("server")
+    root.addHandler(_file(workspace / LOG_FILE))
+    root.addHandler(_file(workspace / "server" / LOG_FILE))
+
+
 def setup_worker(workspace: Path, sites: list[str], *, verbose: bool) -> None:
     """Worker process: the combined log, one file per hosted site, stdout/stderr captured as records."""
     root = _reset("worker")

@@ -29,6 +29,7 @@ from fedstream.messages import Weights
 from fedstream.server.federation import Federation, SiteJoined, SiteLeft
 from fedstream.server.models import ModelStore
 from fedstream.server.receiver import JobInfo, JobOutcome, Receiver
+from fedstream.server.receiver_host import ReceiverHost
 from fedstream.workflows.base import RoundCompleted, RoundStarted, RoundSummary, Workflow
 from fedstream.workspace import LOG, Workspace
 
@@ -128,6 +129,7 @@ class ServerRuntime:
         self._round = 0
         self._finishing = False
         self._signal = 0
+        self._hosts: list[ReceiverHost] = []
 
     def run(self, link: ServerLink) -> RunResult:
         """Run the job over ``link`` and write ``result.json``; never raises for a job that went wrong."""
@@ -135,7 +137,9 @@ class ServerRuntime:
         self._subscribe()
         federation = Federation(self.sites, self.bus)
         models = ModelStore(self.workspace.models)
-        started: list[Receiver] = []
+        hosts = {name: ReceiverHost(name, receiver) for name, receiver in self.components.receivers.items()}
+        self._hosts = list(hosts.values())
+        started: list[ReceiverHost] = []
         status, error, exit_code = "completed", "", EXIT_OK
         startup_s = 0.0
         with self._signals():
@@ -149,12 +153,14 @@ class ServerRuntime:
                     self.workspace.server,
                     self.job.to_dict(),
                 )
-                for name, receiver in self.components.receivers.items():
-                    receiver.start(info)
-                    started.append(receiver)
-                    for event_name in receiver.events:
-                        self.bus.subscribe(event_name, receiver.handle)
-                    log.info("receiver %s listens to %s", name, ", ".join(receiver.events))
+                for host in hosts.values():
+                    host.start(info)
+                    started.append(host)
+                for name, host in hosts.items():
+                    host.wait_open()
+                    for event_name in host.events:
+                        self.bus.subscribe(event_name, host.handle)
+                    log.info("receiver %s listens to %s", name, ", ".join(host.events))
                 federation.start(link)
                 startup_s = time.monotonic() - began
                 self.components.workflow.run(federation, models, weights)
@@ -180,10 +186,10 @@ class ServerRuntime:
                     "duplicates": dict(federation.inbox.duplicates),
                 }
             }
-            for name, receiver in self.components.receivers.items():
-                if receiver in started:
-                    receiver.stop(outcome)
-                report = receiver.report()
+            for name, host in hosts.items():
+                if host in started:
+                    host.stop(outcome)
+                report = host.report()
                 tracking[name] = {
                     "received": report.received,
                     "written": report.written,
@@ -231,8 +237,8 @@ class ServerRuntime:
             self._signal = self._signal or number
             if self._finishing:
                 log.warning("interrupted again: not waiting for the tracking backends any longer")
-                for receiver in self.components.receivers.values():
-                    receiver.hurry()
+                for host in self._hosts:
+                    host.hurry()
             elif first:
                 raise KeyboardInterrupt
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedstream import logs
+from fedstream.children import detach_from_terminal_signals
 from fedstream.config import Job, load_job_data
 from fedstream.errors import TransportError
 from fedstream.events import EventBus
@@ -97,15 +96,6 @@ class PipeSiteLink:
                 endpoint.shutdown(message.reason)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies, so a killed server leaves no orphans."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _site_maker(job: Job, spec: WorkerSpec, link: PipeSiteLink) -> Any:
     from fedstream.pt.executor import TrainerExecutor
 
@@ -127,8 +117,7 @@ def _site_maker(job: Job, spec: WorkerSpec, link: PipeSiteLink) -> Any:
 
 def main(spec_json: str, conn: Connection) -> None:
     """Entry point of a worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    detach_from_terminal_signals()
     spec = WorkerSpec.from_json(spec_json)
     import torch
 

@@ -98,6 +98,8 @@ def check_value(value: Any, key: str) -> float:
 
 def check_step(step: Any, key: str) -> int:
     """A step: an integer from 0 to 2**63 - 1 (bool is not an integer here)."""
+    if type(step) is int and 0 <= step <= MAX_STEP:  # the common case, without the slower checks below
+        return step
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"{key!r}: step must be an int, got {type(step).__name__} {step!r}")
     number = int(step)
@@ -120,6 +122,8 @@ def check_path(path: Any) -> str:
 
 def check_time(wall_time: Any, key: str) -> float:
     """A wall-clock time in seconds since the epoch, from 0 to the end of the year 9999."""
+    if type(wall_time) is float and 0.0 <= wall_time <= MAX_TIME_S:  # the common case (NaN fails it)
+        return wall_time
     if isinstance(wall_time, bool) or not isinstance(wall_time, numbers.Real):
         raise TypeError(f"{key!r}: time must be a number of seconds, got {type(wall_time).__name__}")
     seconds = float(wall_time)

@@ -3,11 +3,11 @@
 ``<server workspace>/<folder>/<site>/`` holds one site's records and ``.../server/`` the global model's
 metrics per round (step = round), one writer per directory, so TensorBoard shows every site as a run and
 overlays the same tag across sites. Records keep the site's steps and wall times; files are flushed after
-every round and closed at the end.
+every batch written (at most ``flush_interval_s`` apart) and closed at the end.
 
-Files are written with TensorBoard's own ``RecordWriter`` (its record framing and checksums; no torch or
-TensorFlow) over an ordinary buffered file. TensorBoard's ``EventFileWriter`` would do the same but, without
-TensorFlow installed, it reopens the file for every record, which made it a third of the server's work.
+Files are written in TensorFlow's record format (see :class:`EventFile`; no torch or TensorFlow) over an
+ordinary buffered file. TensorBoard's ``EventFileWriter`` would do the same but, without TensorFlow
+installed, it reopens the file for every record and checksums in pure Python.
 
 Mapping: metrics -> scalars; ``add_text`` -> text at its step; ``log_text`` -> text tagged with the file's
 path; params -> text ``param/<key>``; tags -> text ``tag/<key>``.
@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,16 +111,20 @@ class TensorBoardReceiver(Receiver):
             self._text(run, prefix + record.key, str(record.value), record.step, record.time)
 
     def _scalar(self, run: str, tag: str, value: float, step: int, wall_time: float) -> None:
-        event_pb2, summary_pb2, _, _ = self._pb
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)])
-        self._writer(run).add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+        event = self._pb[0].Event(wall_time=wall_time, step=step)
+        entry = event.summary.value.add()  # filled in place: twice as fast as building the parts
+        entry.tag, entry.simple_value = tag, value
+        self._writer(run).add_event(event)
 
     def _text(self, run: str, tag: str, text: str, step: int, wall_time: float) -> None:
-        event_pb2, summary_pb2, tensor_pb2, types_pb2 = self._pb
-        tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode()])
-        value = summary_pb2.Summary.Value(tag=tag, metadata=self._text_metadata, tensor=tensor)
-        summary = summary_pb2.Summary(value=[value])
-        self._writer(run).add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+        event_pb2, _, _, types_pb2 = self._pb
+        event = event_pb2.Event(wall_time=wall_time, step=step)
+        entry = event.summary.value.add()
+        entry.tag = tag
+        entry.metadata.CopyFrom(self._text_metadata)
+        entry.tensor.dtype = types_pb2.DT_STRING
+        entry.tensor.string_val.append(text.encode())
+        self._writer(run).add_event(event)
 
     def _writer(self, run: str) -> EventFile:
         writer = self._writers.get(run)
@@ -130,26 +135,43 @@ class TensorBoardReceiver(Receiver):
 
 
 class EventFile:
-    """One TensorBoard event file (``events.out.tfevents.<time>.<host>.<pid>.<n>``) in ``folder``."""
+    """One TensorBoard event file (``events.out.tfevents.<time>.<host>.<pid>.<n>``) in ``folder``.
+
+    Records are framed as TensorFlow's record format wants them: the length (little-endian uint64), its
+    masked CRC-32C, the data, the data's masked CRC-32C. The checksums come from ``google-crc32c`` (C);
+    TensorBoard's own pure-Python checksum costs about 25 us per record.
+    """
 
     _count = itertools.count()
 
     def __init__(self, folder: Path) -> None:
         from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
 
         folder.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(self._count)}"
         self.path = folder / name
         self._file = self.path.open("wb")
-        self._records = RecordWriter(self._file)
         self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def add_event(self, event: Any) -> None:
-        self._records.write(event.SerializeToString())
+        data = event.SerializeToString()
+        header = _LENGTH.pack(len(data))
+        self._file.write(header + _CRC.pack(_masked_crc32c(header)) + data + _CRC.pack(_masked_crc32c(data)))
 
     def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+_LENGTH = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """TensorFlow's masked CRC-32C of ``data``."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

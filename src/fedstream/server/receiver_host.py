@@ -1,0 +1,333 @@
+"""Run a :class:`~fedstream.server.receiver.Receiver` in a process of its own and feed it events.
+
+Why a process: a receiver's backend library (MLflow's SQLAlchemy, a TensorBoard writer) is CPU-heavy
+Python; in its own process it neither competes for the server's interpreter lock nor can hang or crash the
+server, and a deadline can always be kept by stopping the process.
+
+Life of a receiver, driven by the server runtime:
+
+1. :meth:`ReceiverHost.start` starts the process, which opens the receiver (an error fails the job before
+   training) and a thread here that feeds it;
+2. :meth:`ReceiverHost.handle` queues each subscribed event and returns: a slow backend does not hold up
+   the sites' acknowledgements until ``max_pending`` events wait. Then ``handle`` waits for room while the
+   backend works (backpressure: the sites slow down), and drops new events (counted, with the reason) only
+   while the backend is unavailable;
+3. the thread sends queued events to the process in batches (up to ``batch_size``, or what came within
+   ``flush_interval_s``); events the backend did not take are kept and sent again after a growing pause;
+4. :meth:`ReceiverHost.stop` writes what is left until the deadline, closes the receiver, and counts what
+   could not be written as dropped; at the deadline the process is stopped whatever it is doing.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from fedstream import logs
+from fedstream.children import detach_from_terminal_signals
+from fedstream.errors import TrackingError
+from fedstream.events import Event
+from fedstream.server.receiver import BackendUnavailable, JobInfo, JobOutcome, Receiver, ReceiverReport
+
+log = logging.getLogger(__name__)
+
+MAX_REASONS = 20
+OPEN_TIMEOUT_S = 300.0
+
+
+class ReceiverHost:
+    """Feeds ``receiver`` (called ``name`` in the job) with events; see the module."""
+
+    def __init__(self, name: str, receiver: Receiver) -> None:
+        self.name = name
+        self.receiver = receiver
+        self.events = list(receiver.events)
+        self._report = ReceiverReport()
+        self._cond = threading.Condition()
+        self._queue: deque[Event] = deque()
+        self._oldest = 0.0
+        self._inflight = 0
+        self._unavailable = ""  # why the backend is not answering, while it is not
+        self._dead = False  # the receiver's process stopped: nothing more can be written
+        self._stopping = False
+        self._give_up_at = float("inf")
+        self._outcome = JobOutcome("failed", "stopped")
+        self._thread: threading.Thread | None = None
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    # -- driven by the runtime ----------------------------------------------------------------------------
+    def start(self, job: JobInfo) -> None:
+        """Start the receiver's process, which opens the receiver (see :meth:`wait_open`)."""
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(theirs, str(job.workspace.parent)), name=f"fedstream-{self.name}", daemon=True
+        )
+        self._process.start()
+        theirs.close()
+        self._conn = ours
+        ours.send((self.receiver, job))
+
+    def wait_open(self) -> None:
+        """Wait until the receiver is open and start feeding it; raises :class:`TrackingError` if it cannot
+        open."""
+        assert self._process is not None
+        reply = self._reply(time.monotonic() + OPEN_TIMEOUT_S)
+        if reply is None:
+            self._kill()
+            raise TrackingError(f"receiver {self.name} did not start (its process exited or hung)")
+        if reply[0] == "failed":
+            self._process.join(5)
+            raise TrackingError(f"receiver {self.name}: {reply[1]}")
+        self._absorb(reply[1])
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-feeder", daemon=True)
+        self._thread.start()
+
+    def handle(self, event: Event) -> None:
+        """Queue ``event`` (see the module for when this waits or drops)."""
+        with self._cond:
+            self._report.received += 1
+            if self._dead:
+                self._drop(1, f"{self.name}'s process stopped; later events were dropped")
+                return
+            while len(self._queue) + self._inflight >= self.receiver.max_pending:
+                if self._unavailable or self._stopping or self._thread is None:
+                    why = self._unavailable or "the receiver is not running"
+                    self._drop(1, f"{self.receiver.max_pending} events waited ({why}); later ones were dropped")
+                    return
+                self._cond.wait()
+            if not self._queue:
+                self._oldest = time.monotonic()
+                self._cond.notify_all()  # the feeder sleeps while nothing waits: start its flush clock
+            self._queue.append(event)
+            if len(self._queue) == self.receiver.batch_size:
+                self._cond.notify_all()
+
+    def stop(self, outcome: JobOutcome) -> None:
+        """Write what is left (for at most the receiver's ``stop_timeout_s``), then close it."""
+        with self._cond:
+            self._outcome = outcome
+            self._stopping = True
+            self._give_up_at = min(self._give_up_at, time.monotonic() + self.receiver.stop_timeout_s)
+            self._cond.notify_all()
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.1)  # in slices, so that hurry() from a signal handler takes effect
+        self._kill()
+
+    def hurry(self) -> None:
+        """Stop writing now (a second interrupt): what is left is counted as dropped."""
+        with self._cond:
+            self._give_up_at = time.monotonic()
+            self._cond.notify_all()
+
+    def report(self) -> ReceiverReport:
+        """What was received, written and dropped, and why."""
+        with self._cond:
+            report = self._report
+            return ReceiverReport(
+                report.received, report.written, report.dropped, list(report.errors), dict(report.details)
+            )
+
+    # -- the feeding thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        """Feed the process, keeping a second batch on its way while it writes one (none while the backend is
+        unavailable); a batch's events that were not written go back to the front of the queue, in order."""
+        sent: deque[list[Event]] = deque()
+        held: list[Event] = []  # not written: requeued once no batch is on its way, so that order is kept
+        pause_until = 0.0
+        pause = 0.0
+        while True:
+            while len(sent) < (1 if self._unavailable else 2):
+                batch = self._take(pause_until, wait=not sent)
+                if batch is None:
+                    break
+                if not self._send(("write", batch)):
+                    sent.append(batch)
+                    break
+                sent.append(batch)
+            if not sent:
+                break
+            batch = sent.popleft()
+            reply = self._reply(None)
+            if reply is None:
+                self._lost(sum(map(len, sent)) + len(batch) + len(held), "its process stopped, or the deadline passed")
+                self._kill()
+                return
+            _, refused, pending, reason, news = reply
+            with self._cond:
+                self._absorb(news)
+                self._inflight -= len(batch)
+                self._report.written += len(batch) - len(pending) - refused
+                self._report.dropped += refused
+                held += [batch[i] for i in pending]
+                if not sent and held:
+                    self._queue.extendleft(reversed(held))
+                    held = []
+                if pending and reason != self._unavailable:
+                    log.warning("%s: %s; holding %d events, retrying", self.name, reason, len(self._queue))
+                elif not pending and self._unavailable:
+                    log.info("%s: the backend is back; the held events are being written", self.name)
+                self._unavailable = reason if pending else ""
+                pause = min(max(pause * 2, self.receiver.flush_interval_s), 30.0) if pending else 0.0
+                pause_until = time.monotonic() + pause
+                self._cond.notify_all()
+        closed = self._call(("close", self._outcome))
+        if closed is None:
+            self._note(f"{self.name} did not close by its deadline; its runs or files may be left open")
+        else:
+            with self._cond:
+                self._absorb(closed[1])
+
+    def _take(self, not_before: float, *, wait: bool) -> list[Event] | None:
+        """The next batch (not before ``not_before``: a pause after a failure); ``None`` when stopping and
+        nothing is left, at the deadline (what is left is then dropped), or, unless ``wait``, when no batch is
+        ready now."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._stopping and now >= self._give_up_at:
+                    if self._queue:
+                        why = self._unavailable or "out of time"
+                        self._drop(
+                            len(self._queue), f"{len(self._queue)} events could not be written by the end ({why})"
+                        )
+                        self._queue.clear()
+                    return None
+                if self._stopping and not self._queue:
+                    return None
+                ready_at = self._oldest + self.receiver.flush_interval_s
+                if self._stopping or len(self._queue) >= self.receiver.batch_size:
+                    ready_at = now
+                ready_at = max(ready_at, not_before)
+                if self._queue and now >= ready_at:
+                    count = min(self.receiver.batch_size, len(self._queue))
+                    batch = [self._queue.popleft() for _ in range(count)]
+                    self._inflight += count
+                    self._oldest = now
+                    self._cond.notify_all()  # a waiting handle() may proceed
+                    return batch
+                if not wait:
+                    return None
+                wake = min(ready_at, self._give_up_at) if self._queue else self._give_up_at
+                self._cond.wait(None if wake == float("inf") else max(0.0, wake - now))
+
+    # -- the process ------------------------------------------------------------------------------------------
+    def _call(self, message: tuple[str, Any]) -> tuple[Any, ...] | None:
+        """Send ``message`` and wait for the answer until the deadline; ``None`` if none came (the process is
+        then stopped)."""
+        reply = self._reply(None) if self._send(message) else None
+        if reply is None:
+            self._kill()
+        return reply
+
+    def _send(self, message: tuple[str, Any]) -> bool:
+        assert self._conn is not None
+        try:
+            self._conn.send(message)
+        except OSError:
+            return False
+        return True
+
+    def _reply(self, deadline: float | None) -> tuple[Any, ...] | None:
+        assert self._conn is not None and self._process is not None
+        while True:
+            with self._cond:
+                limit = self._give_up_at if deadline is None else deadline
+            if time.monotonic() >= limit or (not self._process.is_alive() and not self._conn.poll()):
+                return None
+            try:
+                if self._conn.poll(0.1):
+                    reply: tuple[Any, ...] = self._conn.recv()
+                    return reply
+            except (EOFError, OSError):
+                return None
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5)
+
+    # -- accounting ------------------------------------------------------------------------------------------
+    def _absorb(self, news: dict[str, Any]) -> None:
+        """Take the problems and details the receiver reported from its process."""
+        for problem in news["problems"]:
+            self._note_locked(problem)
+        self._report.details = news["details"]
+
+    def _lost(self, sent: int, why: str) -> None:
+        """The process stopped: what it was sent and what waits is lost."""
+        with self._cond:
+            count = sent + len(self._queue)
+            self._queue.clear()
+            self._inflight = 0
+            self._dead = True
+            self._unavailable = why
+            self._drop(count, f"{count} events were not confirmed written ({why})")
+            self._cond.notify_all()
+
+    def _note(self, problem: str) -> None:
+        with self._cond:
+            self._note_locked(problem)
+
+    def _note_locked(self, problem: str) -> None:
+        if problem not in self._report.errors and len(self._report.errors) < MAX_REASONS:
+            self._report.errors.append(problem)
+            log.error("%s: %s", self.name, problem)
+
+    def _drop(self, count: int, reason: str) -> None:
+        """Under the lock: count ``count`` events as dropped."""
+        self._report.dropped += count
+        self._note_locked(reason)
+
+
+def _news(receiver: Receiver) -> dict[str, Any]:
+    problems, receiver.problems = receiver.problems, []
+    return {"problems": problems, "details": receiver.details}
+
+
+def _serve(conn: Connection, workspace: str) -> None:
+    """The receiver's process: open it, then write and close as the host asks."""
+    detach_from_terminal_signals()
+    logs.setup_receiver(Path(workspace))
+    receiver, job = conn.recv()
+    try:
+        receiver.open(job)
+    except Exception as exc:
+        conn.send(("failed", str(exc) if isinstance(exc, TrackingError) else f"{type(exc).__name__}: {exc}"))
+        return
+    gc.freeze()  # the backend's modules and state stay: keep full collections off them
+    conn.send(("opened", _news(receiver)))
+    while True:
+        kind, payload = conn.recv()
+        if kind == "close":
+            try:
+                receiver.close(payload)
+            except Exception as exc:
+                log.exception("closing failed")
+                receiver.note(f"could not close: {type(exc).__name__}: {exc}")
+            conn.send(("closed", _news(receiver)))
+            return
+        receiver.refused = 0
+        try:
+            receiver.write(payload)
+            pending: list[int] = []
+            reason = ""
+        except BackendUnavailable as down:
+            where = {id(event): i for i, event in enumerate(payload)}
+            pending, reason = [where[id(event)] for event in down.pending], down.reason
+        except Exception as exc:  # the receiver's own failure (a full disk, say): retried like an outage
+            log.exception("writing failed")
+            pending, reason = list(range(len(payload))), f"{type(exc).__name__}: {exc}"
+        conn.send(("wrote", receiver.refused, pending, reason, _news(receiver)))
