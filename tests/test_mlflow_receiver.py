@@ -14,6 +14,7 @@ from fedstream.tracking.records import METRIC, Record
 from tests.faulty_proxy import FaultyProxy
 from tests.mlflow_server import MlflowServer
 
+FAILURES: list[str] = []
 INTERNAL_ERROR = b'{"error_code": "INTERNAL_ERROR", "message": "cannot store this record"}'
 
 
@@ -26,8 +27,10 @@ def started(tmp_path: Path, uri: str, **args: object) -> ReceiverHost:
     )
     host = ReceiverHost("mlflow", receiver)
     (tmp_path / "server").mkdir()
-    host.start(JobInfo("refusals", "job-1", "", ("site-1", "site-2"), tmp_path / "server", {"name": "refusals"}))
-    host.wait_open()
+    host.start(
+        JobInfo("refusals", "job-1", "", ("site-1", "site-2"), tmp_path / "server", {"name": "refusals"}),
+        FAILURES.append,
+    )
     return host
 
 
@@ -51,6 +54,7 @@ def test_a_record_the_backend_refuses_costs_only_itself(tmp_path: Path, mlflow_s
             receiver.handle(metric("site-2", "loss", step / 5, step))
         receiver.stop(JobOutcome("completed", ""))
     report = receiver.report()
+    assert FAILURES == []
     assert (report.received, report.written, report.dropped) == (1001, 1000, 1), report.errors
     assert any("refused metric 'poison'" in error for error in report.errors), report.errors
     client = MlflowClient(mlflow_server.url)

@@ -159,3 +159,17 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
         console.print(
             f"failed after {timing['total_s']:.1f} s: {result['error']}", style="red", soft_wrap=True, markup=False
         )
+
+
+def print_outcome(console: Console, result: dict[str, Any]) -> None:
+    """One line: how the job ended, the last round's metrics (or the error), and where ``result.json`` is."""
+    where = result["logs"]["combined"].rsplit("/", 1)[0] + "/result.json"
+    if result["status"] == "completed":
+        last: dict[str, Any] = result["rounds"][-1] if result["rounds"] else {"metrics": {}, "round": 0}
+        metrics = " ".join(f"{key}={value:.4g}" for key, value in last["metrics"].items())
+        dropped = sum(info.get("dropped", 0) for info in result["tracking"].values() if isinstance(info, dict))
+        lost = f", {dropped} tracking records dropped" if dropped else ""
+        line = f"completed: round {last['round']} {metrics} ({result['timing']['total_s']:.1f} s{lost}) {where}"
+    else:
+        line = f"{result['status']}: {result['error']} ({where})"
+    console.print(line, soft_wrap=True, markup=False, highlight=False)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fedstream.errors import JobFailed
 from fedstream.events import EventBus
 from fedstream.messages import Failure, Result, Task
 
@@ -85,6 +86,7 @@ class Dispatch:
         self._started: dict[str, float] = {}
         self._late_after_s: float | None = None
         self._grace_s = 0.0
+        self._aborted = ""
         self.pending = set(tasks)
 
     # -- fed by the federation, from the link's threads ----------------------------------------------------
@@ -94,10 +96,21 @@ class Dispatch:
     def answered(self, result: Result, at: float) -> None:
         self._inbound.put((result.task_id, result, at))
 
+    def abort(self, reason: str) -> None:
+        """The job cannot go on: :meth:`next_reply` raises :class:`~fedstream.errors.JobFailed` with ``reason``."""
+        self._aborted = reason
+        self._inbound.put(("", None, 0.0))
+
     # -- read by the workflow ---------------------------------------------------------------------------------
     def next_reply(self) -> Reply | None:
-        """The next reply (a result, or a task given up at its deadline); ``None`` when nothing is pending."""
+        """The next reply (a result, or a task given up at its deadline); ``None`` when nothing is pending.
+
+        Raises :class:`~fedstream.errors.JobFailed` if the job was aborted meanwhile.
+        """
         while self.pending:
+            if self._aborted:
+                self.cancel()
+                raise JobFailed(self._aborted)
             now = time.monotonic()
             expired = self._expired(now)
             if expired is not None:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fedstream.errors import JobFailed
 from fedstream.events import EventBus
 from fedstream.link import ServerLink
 from fedstream.messages import EventBatch, Payload, Result, Task
@@ -59,6 +60,7 @@ class Federation:
         self._joined: set[str] = set()
         self._routes: dict[str, tuple[Task, Dispatch]] = {}
         self._ids = itertools.count(1)
+        self._aborted = ""
 
     def start(self, link: ServerLink) -> None:
         """Reach the sites through ``link``."""
@@ -111,6 +113,15 @@ class Federation:
             )
         return self.inbox.receive(site, batch)
 
+    def abort(self, reason: str) -> None:
+        """Stop the job: outstanding and later dispatches raise :class:`~fedstream.errors.JobFailed`."""
+        with self._lock:
+            self._aborted = self._aborted or reason
+            dispatches = {dispatch for _, dispatch in self._routes.values()}
+        log.error("aborting the job: %s", reason)
+        for dispatch in dispatches:
+            dispatch.abort(reason)
+
     # -- used by workflows ------------------------------------------------------------------------------------
     @property
     def joined(self) -> list[str]:
@@ -130,6 +141,8 @@ class Federation:
             tasks[task.id] = task
         dispatch = Dispatch(tasks, timeout_s, self.bus, self._cancel)
         with self._lock:
+            if self._aborted:
+                raise JobFailed(self._aborted)
             self._routes.update((task_id, (task, dispatch)) for task_id, task in tasks.items())
         self.bus.fire(TasksSent(kind, round, tuple(payloads)))
         for task in tasks.values():

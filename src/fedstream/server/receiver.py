@@ -103,9 +103,14 @@ class Receiver(ABC):
         self.refused = 0
         self.problems: list[str] = []
 
+    def check(self, job: JobInfo) -> None:  # noqa: B027 - optional hook
+        """A quick check, in the server's process before training starts, that the backend can be used; raise
+        :class:`~fedstream.errors.TrackingError` naming the problem if not. Opening (which may take seconds)
+        happens while the sites start training."""
+
     @abstractmethod
     def open(self, job: JobInfo) -> None:
-        """Connect, create runs, open files; raise if the backend cannot be used (the job then fails)."""
+        """Connect, create runs, open files; raise if the backend cannot be used (the job is then stopped)."""
 
     @abstractmethod
     def write(self, events: Sequence[Event]) -> None:

@@ -6,8 +6,10 @@ server, and a deadline can always be kept by stopping the process.
 
 Life of a receiver, driven by the server runtime:
 
-1. :meth:`ReceiverHost.start` starts the process, which opens the receiver (an error fails the job before
-   training) and a thread here that feeds it;
+1. :meth:`ReceiverHost.start` runs the receiver's quick :meth:`~fedstream.server.receiver.Receiver.check`
+   here (an error fails the job before training), then starts the process, which opens the receiver while
+   the sites start training, and a thread here that feeds it. Events wait until it is open; if opening
+   fails, the host calls ``on_failure`` (the runtime stops the job) and drops what comes;
 2. :meth:`ReceiverHost.handle` queues each subscribed event and returns: a slow backend does not hold up
    the sites' acknowledgements until ``max_pending`` events wait. Then ``handle`` waits for room while the
    backend works (backpressure: the sites slow down), and drops new events (counted, with the reason) only
@@ -26,6 +28,7 @@ import multiprocessing
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -65,8 +68,10 @@ class ReceiverHost:
         self._conn: Connection | None = None
 
     # -- driven by the runtime ----------------------------------------------------------------------------
-    def start(self, job: JobInfo) -> None:
-        """Start the receiver's process, which opens the receiver (see :meth:`wait_open`)."""
+    def start(self, job: JobInfo, on_failure: Callable[[str], None]) -> None:
+        """Check the backend (raising :class:`TrackingError`), then start opening and feeding the receiver in
+        its process; ``on_failure`` hears if opening fails."""
+        self.receiver.check(job)
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         self._process = context.Process(
@@ -76,19 +81,7 @@ class ReceiverHost:
         theirs.close()
         self._conn = ours
         ours.send((self.receiver, job))
-
-    def wait_open(self) -> None:
-        """Wait until the receiver is open and start feeding it; raises :class:`TrackingError` if it cannot
-        open."""
-        assert self._process is not None
-        reply = self._reply(time.monotonic() + OPEN_TIMEOUT_S)
-        if reply is None:
-            self._kill()
-            raise TrackingError(f"receiver {self.name} did not start (its process exited or hung)")
-        if reply[0] == "failed":
-            self._process.join(5)
-            raise TrackingError(f"receiver {self.name}: {reply[1]}")
-        self._absorb(reply[1])
+        self._on_failure = on_failure
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-feeder", daemon=True)
         self._thread.start()
 
@@ -97,11 +90,11 @@ class ReceiverHost:
         with self._cond:
             self._report.received += 1
             if self._dead:
-                self._drop(1, f"{self.name}'s process stopped; later events were dropped")
+                self._drop(1, f"{self.name} stopped ({self._unavailable}); later events were dropped")
                 return
             while len(self._queue) + self._inflight >= self.receiver.max_pending:
-                if self._unavailable or self._stopping or self._thread is None:
-                    why = self._unavailable or "the receiver is not running"
+                if self._unavailable or self._stopping or self._dead:
+                    why = self._unavailable or "the receiver is stopping"
                     self._drop(1, f"{self.receiver.max_pending} events waited ({why}); later ones were dropped")
                     return
                 self._cond.wait()
@@ -139,8 +132,28 @@ class ReceiverHost:
 
     # -- the feeding thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        """Wait until the receiver is open, then feed it (see :meth:`_feed`) and close it."""
+        opened = self._reply(time.monotonic() + OPEN_TIMEOUT_S)
+        if opened is None or opened[0] == "failed":
+            why = opened[1] if opened is not None else "its process exited or hung while opening"
+            self._lost(0, f"could not open: {why}")
+            self._kill()
+            self._on_failure(f"receiver {self.name}: {why}")
+            return
+        with self._cond:
+            self._absorb(opened[1])
+        if self._feed():
+            closed = self._call(("close", self._outcome))
+            if closed is None:
+                self._note(f"{self.name} did not close by its deadline; its runs or files may be left open")
+            else:
+                with self._cond:
+                    self._absorb(closed[1])
+
+    def _feed(self) -> bool:
         """Feed the process, keeping a second batch on its way while it writes one (none while the backend is
-        unavailable); a batch's events that were not written go back to the front of the queue, in order."""
+        unavailable); a batch's events that were not written go back to the front of the queue, in order.
+        ``False`` if the process stopped or the deadline passed."""
         sent: deque[list[Event]] = deque()
         held: list[Event] = []  # not written: requeued once no batch is on its way, so that order is kept
         pause_until = 0.0
@@ -161,7 +174,7 @@ class ReceiverHost:
             if reply is None:
                 self._lost(sum(map(len, sent)) + len(batch) + len(held), "its process stopped, or the deadline passed")
                 self._kill()
-                return
+                return False
             _, refused, pending, reason, news = reply
             with self._cond:
                 self._absorb(news)
@@ -180,12 +193,7 @@ class ReceiverHost:
                 pause = min(max(pause * 2, self.receiver.flush_interval_s), 30.0) if pending else 0.0
                 pause_until = time.monotonic() + pause
                 self._cond.notify_all()
-        closed = self._call(("close", self._outcome))
-        if closed is None:
-            self._note(f"{self.name} did not close by its deadline; its runs or files may be left open")
-        else:
-            with self._cond:
-                self._absorb(closed[1])
+        return True
 
     def _take(self, not_before: float, *, wait: bool) -> list[Event] | None:
         """The next batch (not before ``not_before``: a pause after a failure); ``None`` when stopping and

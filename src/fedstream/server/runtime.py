@@ -131,9 +131,12 @@ class ServerRuntime:
         self._signal = 0
         self._hosts: list[ReceiverHost] = []
 
-    def run(self, link: ServerLink) -> RunResult:
-        """Run the job over ``link`` and write ``result.json``; never raises for a job that went wrong."""
-        began = time.monotonic()
+    def run(self, link: ServerLink, *, began: float | None = None) -> RunResult:
+        """Run the job over ``link`` and write ``result.json``; never raises for a job that went wrong.
+
+        ``began`` (``time.monotonic()``) is when the composition started its work, for the timings.
+        """
+        began = time.monotonic() if began is None else began
         self._subscribe()
         federation = Federation(self.sites, self.bus)
         models = ModelStore(self.workspace.models)
@@ -153,11 +156,9 @@ class ServerRuntime:
                     self.workspace.server,
                     self.job.to_dict(),
                 )
-                for host in hosts.values():
-                    host.start(info)
-                    started.append(host)
                 for name, host in hosts.items():
-                    host.wait_open()
+                    host.start(info, federation.abort)
+                    started.append(host)
                     for event_name in host.events:
                         self.bus.subscribe(event_name, host.handle)
                     log.info("receiver %s listens to %s", name, ", ".join(host.events))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,6 +66,7 @@ def simulate(
     Configuration problems raise :class:`ConfigError` before anything is written; everything later ends in
     a :class:`RunResult`.
     """
+    began = time.monotonic()
     components = check(job, sites, threads)
     ws = Workspace.prepare(workspace, sites)
     (ws.server / "job.toml").write_text(job.to_toml())
@@ -95,4 +97,4 @@ def simulate(
         observe(bus)
     details: dict[str, Any] = {"threads": threads}
     runtime = ServerRuntime(job, components, ws, sites, job_id=job_id, bus=bus, details=lambda: details)
-    return runtime.run(SimulatorLink(specs))
+    return runtime.run(SimulatorLink(specs), began=began)

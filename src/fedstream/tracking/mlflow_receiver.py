@@ -26,6 +26,7 @@ from typing import Any
 from fedstream.errors import TrackingError
 from fedstream.events import Event, Forwarded
 from fedstream.server.receiver import BackendUnavailable, JobInfo, JobOutcome, Receiver
+from fedstream.tracking.mlflow_uri import absolute, check_syntax, check_usable
 from fedstream.tracking.records import ARTIFACT, FED_ANALYTICS, METRIC, PARAM, TAG, Record, check_key, from_wire
 from fedstream.workflows.base import RoundCompleted
 
@@ -105,12 +106,7 @@ class MLflowReceiver(Receiver):
         stop_timeout_s: float = 60.0,
         events: list[str] = [FED_ANALYTICS, RoundCompleted.name],  # noqa: B006 - never mutated
     ) -> None:
-        uri = tracking_uri.strip()
-        if uri and ("://" not in uri or uri.startswith("file:")):
-            raise ValueError(
-                f"tracking_uri {tracking_uri!r}: the file store (./mlruns) is deprecated and refused by MLflow 3; "
-                "use '' for an SQLite store in the workspace, 'sqlite:///path/mlflow.db' or 'http://host:port'"
-            )
+        uri = absolute(check_syntax(tracking_uri.strip()))
         if not http_timeout_s > 0 or http_max_retries < 0:
             raise ValueError("http_timeout_s must be positive and http_max_retries 0 or more")
         super().__init__(
@@ -131,12 +127,21 @@ class MLflowReceiver(Receiver):
         self.http_max_retries = http_max_retries
         self._runs: dict[str, _Run] = {}
         self._disabled = ""
+        self._uri = uri
 
     # -- Receiver -----------------------------------------------------------------------------------------------
-    def open(self, job: JobInfo) -> None:
-        uri = self.tracking_uri or f"sqlite:///{job.workspace / 'mlflow.db'}"
-        self._uri = uri
+    def check(self, job: JobInfo) -> None:
+        self._uri = uri = self.tracking_uri or f"sqlite:///{job.workspace / 'mlflow.db'}"
         self.details["tracking_uri"] = uri
+        try:
+            check_usable(uri, self.http_timeout_s)
+        except ValueError as exc:
+            self._unusable(str(exc))
+
+    def open(self, job: JobInfo) -> None:
+        if self._disabled:
+            return
+        uri = self._uri
         if uri.startswith(("http://", "https://")):
             os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self.http_timeout_s)
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.http_max_retries)
@@ -146,12 +151,16 @@ class MLflowReceiver(Receiver):
         try:
             self._open(job, uri)
         except Exception as exc:
-            reason = f"MLflow tracking at {uri} is not usable: {_describe(exc)}"
-            if self.required:
-                raise TrackingError(reason + " (set required = false to run without it)") from exc
-            log.warning("%s; going on without MLflow (required = false)", reason)
-            self._disabled = reason
-            self.note(reason)
+            self._unusable(_describe(exc))
+
+    def _unusable(self, reason: str) -> None:
+        """The backend cannot be used: fail the job, or, with ``required = false``, go on without MLflow."""
+        message = f"MLflow tracking at {self._uri} is not usable: {reason}"
+        if self.required:
+            raise TrackingError(message + " (set required = false to run without it)")
+        log.warning("%s; going on without MLflow (required = false)", message)
+        self._disabled = message
+        self.note(message)
 
     def write(self, events: Sequence[Event]) -> None:
         if self._disabled:

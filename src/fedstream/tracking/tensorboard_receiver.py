@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedstream.errors import TrackingError
 from fedstream.events import Event, Forwarded
 from fedstream.server.receiver import JobInfo, JobOutcome, Receiver
 from fedstream.tracking.records import FED_ANALYTICS, METRIC, PARAM, TAG, Record, from_wire
@@ -68,6 +69,15 @@ class TensorBoardReceiver(Receiver):
         self._folder = folder
         self._root: Path | None = None
         self._writers: dict[str, EventFile] = {}
+
+    def check(self, job: JobInfo) -> None:
+        folder = job.workspace / self._folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"TensorBoard: cannot create {folder}: {exc.strerror}") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise TrackingError(f"TensorBoard: {folder} is not writable by this user")
 
     def open(self, job: JobInfo) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
