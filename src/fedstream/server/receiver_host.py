@@ -114,6 +114,8 @@ class ReceiverHost:
             self._cond.notify_all()
         while self._thread is not None and self._thread.is_alive():
             self._thread.join(0.1)  # in slices, so that hurry() from a signal handler takes effect
+        if self._process is not None:
+            self._process.join(5)  # it exits after closing
         self._kill()
 
     def hurry(self) -> None:
@@ -121,6 +123,12 @@ class ReceiverHost:
         with self._cond:
             self._give_up_at = time.monotonic()
             self._cond.notify_all()
+
+    @property
+    def unavailable(self) -> str:
+        """Why the backend does not take events now; empty while it does."""
+        with self._cond:
+            return self._unavailable
 
     def report(self) -> ReceiverReport:
         """What was received, written and dropped, and why."""

@@ -128,6 +128,8 @@ class SimulatorLink:
         for reader in self._readers:
             reader.join(max(0.0, deadline - time.monotonic()))
         for handle in self._workers:
+            handle.process.join(max(0.0, deadline - time.monotonic()))  # also when the link never started
+        for handle in self._workers:
             if handle.process.is_alive():
                 log.warning("worker %d did not stop within %g s; stopping it", handle.index, timeout_s)
                 self._kill(handle)

@@ -183,5 +183,5 @@ def _masked_crc32c(data: bytes) -> int:
     """TensorFlow's masked CRC-32C of ``data``."""
     import google_crc32c
 
-    crc = google_crc32c.value(data)
+    crc: int = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

@@ -255,12 +255,14 @@ class FedAvg(Workflow):
                 log.warning("round %d: %s at %s failed: %s", round, kind, reply.site, replies.failed[-1].reason)
             if len(replies.sites) + len(dispatch.pending) < needed:
                 break
+        stopped = len(dispatch.pending)
         dispatch.cancel()
         replies.sites.sort(key=sites.index)
         if len(replies.sites) < needed:
+            unfinished = f"; {stopped} site(s) still running were stopped" if stopped else ""
             raise JobFailed(
                 f"round {round}: {kind}: only {len(replies.sites)} of {len(sites)} sites answered and min_clients is "
-                f"{self.min_clients} ({summarize(replies.failed) or 'no answer'})"
+                f"{self.min_clients} ({summarize(replies.failed) or 'no answer'}{unfinished})"
             )
         return replies
 

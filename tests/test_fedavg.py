@@ -1,0 +1,187 @@
+"""FedAvg with the federation and the site runtime, over a link in this process (no worker processes)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedstream.errors import JobFailed
+from fedstream.events import EventBus
+from fedstream.messages import Task
+from fedstream.server.dispatch import TaskDone
+from fedstream.server.federation import Federation
+from fedstream.server.models import ModelStore
+from fedstream.site.context import SiteContext
+from fedstream.site.executor import Executor, TaskOutput
+from fedstream.workflows import FedAvg
+from fedstream.workflows.base import RoundCompleted, RoundSummary
+from tests.local_link import LocalLink
+
+START = {"w": np.zeros((2, 2), np.float32), "n": np.zeros(1, np.int64)}
+# site -> (value added when training, number of samples)
+VALUES = {"site-1": (1.0, 1), "site-2": (2.0, 3), "site-3": (4.0, 4)}
+
+
+class Adder(Executor):
+    """Adds its site's value to the weights; ``bad`` returns something wrong instead."""
+
+    def __init__(self, site: str, bad: str = "", gate: threading.Event | None = None) -> None:
+        self.site, self.bad, self.gate = site, bad, gate
+
+    def setup(self, site: SiteContext) -> None:
+        assert site.name == self.site
+
+    def execute(self, task: Task) -> TaskOutput:
+        value, count = VALUES[self.site]
+        weights = dict(task.payload.weights)
+        if task.kind == "validate":
+            return TaskOutput(count, {"accuracy": float(weights["w"].mean()) * value})
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.bad == "raise":
+            raise RuntimeError(f"{self.site} cannot train")
+        weights["w"] = weights["w"] + value
+        if self.bad == "nan":
+            weights["w"][0, 0] = np.nan
+        if self.bad == "shape":
+            weights["w"] = np.zeros((3, 3), np.float32)
+        if self.bad == "dtype":
+            weights["w"] = weights["w"].astype(np.float64)
+        if self.bad == "missing":
+            del weights["n"]
+        return TaskOutput(10**30 if self.bad == "samples" else count, {"train_loss": value}, weights)
+
+
+def run(
+    tmp_path: Path,
+    *,
+    bad: dict[str, str] | None = None,
+    groups: list[list[str]] | None = None,
+    gate: dict[str, threading.Event] | None = None,
+    release_when_left_out: threading.Event | None = None,
+    **args: object,
+) -> tuple[list[RoundSummary], ModelStore, LocalLink]:
+    sites = sorted(VALUES)
+    link = LocalLink(
+        groups or [[site] for site in sites],
+        lambda site: Adder(site, (bad or {}).get(site, ""), (gate or {}).get(site)),
+        tmp_path,
+    )
+    bus = EventBus()
+    rounds: list[RoundSummary] = []
+    bus.subscribe(RoundCompleted, lambda event: rounds.append(event.summary))
+    if release_when_left_out is not None:
+        release = release_when_left_out
+        bus.subscribe(TaskDone, lambda event: release.set() if event.reply.failure else None)
+    federation = Federation(sites, bus)
+    federation.start(link)
+    models = ModelStore(tmp_path / "models")
+    try:
+        FedAvg(**{"num_rounds": 1, "min_clients": 2, **args}).run(federation, models, START)  # type: ignore[arg-type]
+    finally:
+        link.close()
+    return rounds, models, link
+
+
+def saved(models: ModelStore, name: str = "global") -> np.ndarray:
+    return torch.load(models.paths[name])["w"].numpy()
+
+
+def test_the_average_is_exact_and_weighted_by_samples(tmp_path: Path) -> None:
+    rounds, models, _ = run(tmp_path, num_rounds=2)
+    assert np.array_equal(saved(models), np.full((2, 2), 5.75, np.float32))  # 2.875, then 2.875 + 2.875
+    first, second = rounds
+    assert first.clients == ["site-1", "site-2", "site-3"] and first.num_samples == 8
+    assert first.metrics["accuracy"] == 2.875 * 2.875 and second.metrics["accuracy"] == 5.75 * 2.875
+    assert first.validated == ["site-1", "site-2", "site-3"] and first.failed == []
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("nan", "'w' holds 1 NaN or infinite value(s)"),
+        ("shape", "'w' has shape (3, 3), the model's is (2, 2)"),
+        ("dtype", "'w' has dtype float64, the model's is float32"),
+        ("missing", "missing ['n']"),
+        ("samples", "num_samples must be from 1 to 1000000000 (max_samples)"),
+        ("raise", "RuntimeError: site-3 cannot train"),
+    ],
+)
+def test_a_bad_result_costs_only_its_own_site(tmp_path: Path, bad: str, words: str) -> None:
+    (round_,), models, _ = run(tmp_path, bad={"site-3": bad})
+    assert round_.clients == ["site-1", "site-2"], "the healthy sites are averaged"
+    (failure,) = round_.failed
+    assert (failure.site, failure.phase) == ("site-3", "train") and words in failure.reason, failure.reason
+    assert np.array_equal(saved(models), np.full((2, 2), (1 * 1 + 3 * 2) / 4, np.float32))
+
+
+def test_the_first_result_does_not_decide_what_is_right(tmp_path: Path) -> None:
+    gate = {"site-2": threading.Event(), "site-3": threading.Event()}
+    bad = {"site-1": "shape"}
+    gate["site-2"].set()
+    gate["site-3"].set()
+    (round_,), _, _ = run(tmp_path, bad=bad, gate=gate)
+    assert [f.site for f in round_.failed] == ["site-1"], "only the wrong-shaped site is blamed"
+
+
+def test_with_min_clients_one_a_wrong_model_is_never_saved(tmp_path: Path) -> None:
+    (round_,), models, _ = run(tmp_path, bad={"site-1": "shape"}, min_clients=1)
+    assert round_.clients == ["site-2", "site-3"]
+    assert saved(models).shape == (2, 2)
+    with pytest.raises(JobFailed, match=r"only 0 of 3 sites answered and min_clients is 1"):
+        run(tmp_path / "all", bad={site: "shape" for site in VALUES}, min_clients=1)
+    assert not (tmp_path / "all" / "models" / "global.pt").exists()
+
+
+def test_non_finite_weights_can_be_allowed(tmp_path: Path) -> None:
+    (round_,), models, _ = run(tmp_path, bad={"site-3": "nan"}, reject_non_finite=False)
+    assert round_.clients == ["site-1", "site-2", "site-3"] and np.isnan(saved(models)[0, 0])
+
+
+def test_a_late_site_is_left_out_after_the_grace_period(tmp_path: Path) -> None:
+    hold = threading.Event()
+    (round_,), _, link = run(
+        tmp_path,
+        gate={"site-3": hold},
+        release_when_left_out=hold,
+        wait_after_min_clients_s=0.2,
+        validate_on="sampled",
+    )
+    assert round_.clients == ["site-1", "site-2"]
+    (failure,) = round_.failed
+    assert failure.site == "site-3" and "left out: still running 0.2 s after" in failure.reason
+    assert len(link.cancelled) == 1
+
+
+def test_an_unknown_stop_condition_metric_fails_after_the_first_round(tmp_path: Path) -> None:
+    with pytest.raises(JobFailed, match=r"stop_condition names 'acc', which is not among the validation metrics"):
+        run(tmp_path, stop_condition="acc >= 0.5", num_rounds=3)
+
+
+def test_a_key_metric_typo_fails_after_the_first_round(tmp_path: Path) -> None:
+    with pytest.raises(JobFailed, match="key_metric 'acuracy' is not among the validation metrics"):
+        run(tmp_path, key_metric="acuracy")
+
+
+def test_an_abort_stops_the_workflow_at_once(tmp_path: Path) -> None:
+    hold = threading.Event()
+    sites = sorted(VALUES)
+    link = LocalLink([[site] for site in sites], lambda site: Adder(site, gate=hold), tmp_path)
+    bus = EventBus()
+    federation = Federation(sites, bus)
+    bus.subscribe(TaskDone, lambda event: None)
+    federation.start(link)
+    timer = threading.Timer(0.2, federation.abort, args=("receiver mlflow: cannot open",))
+    timer.start()
+    try:
+        with pytest.raises(JobFailed, match="receiver mlflow: cannot open"):
+            FedAvg(num_rounds=1, min_clients=2).run(federation, ModelStore(tmp_path / "m"), START)
+        with pytest.raises(JobFailed, match="cannot open"):
+            federation.dispatch("train", 1, 1, {}, 0.0)
+    finally:
+        hold.set()
+        link.close()
