@@ -48,10 +48,13 @@ test: $(VENV)/.test
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	rm -rf .coverage && mkdir .coverage
+	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine --quiet
+	$(BIN)/coverage report
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/core.py --repeat 3
 
 clean:
-	rm -rf $(VENV) workspaces bench/out
+	rm -rf $(VENV) workspaces bench/out .coverage

@@ -11,7 +11,7 @@ import importlib
 import inspect
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from fedstream.config.errors import from_validation_error
 from fedstream.errors import ConfigError
@@ -34,7 +34,11 @@ def import_object(path: str, key: str) -> Any:
 
 
 def args_model(cls: type) -> type[BaseModel]:
-    """A pydantic model of ``cls``'s constructor arguments (extra keys allowed only if it takes ``**kwargs``)."""
+    """A pydantic model of ``cls``'s constructor arguments (extra keys allowed only if it takes ``**kwargs``).
+
+    Each argument is a field named ``arg_<name>`` with the alias ``<name>``, so that an argument may be called
+    anything (``validate``, ``copy``, ``json``...) without clashing with pydantic's own attributes.
+    """
     try:
         signature = inspect.signature(cls, eval_str=True)
     except NameError:  # an annotation names something undefined: check the argument names only
@@ -49,7 +53,7 @@ def args_model(cls: type) -> type[BaseModel]:
             continue
         default = ... if param.default is param.empty else param.default
         annotation = Any if param.annotation is param.empty or isinstance(param.annotation, str) else param.annotation
-        fields[name] = (annotation, default)
+        fields[f"arg_{name}"] = (annotation, Field(default, alias=name))
     config = ConfigDict(extra=extra, strict=True, arbitrary_types_allowed=True)  # type: ignore[typeddict-item]
     return create_model(f"{cls.__name__}Args", __config__=config, **fields)
 
@@ -64,13 +68,13 @@ def validate_args(cls: type, args: dict[str, Any], key: str) -> BaseModel:
 
 def dump_args(validated: BaseModel) -> dict[str, Any]:
     """The full argument table, defaults included, as TOML-writable data (``None`` values are left out)."""
-    data = validated.model_dump(mode="json")
+    data = validated.model_dump(mode="json", by_alias=True)
     return {name: value for name, value in data.items() if value is not None}
 
 
 def instantiate(cls: type, validated: BaseModel, key: str) -> Any:
     """Call ``cls`` with validated arguments; a ``ValueError`` or ``ConfigError`` it raises names ``key``."""
-    kwargs = {name: getattr(validated, name) for name in type(validated).model_fields}
+    kwargs = {field.alias or name: getattr(validated, name) for name, field in type(validated).model_fields.items()}
     kwargs.update(validated.model_extra or {})
     try:
         return cls(**kwargs)
@@ -78,3 +82,5 @@ def instantiate(cls: type, validated: BaseModel, key: str) -> Any:
         raise exc.located(prefix=key) from exc
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{cls.__name__} rejected its arguments: {exc}", key=key) from exc
+    except Exception as exc:  # a constructor that fails for its own reasons: still located, never a traceback
+        raise ConfigError(f"{cls.__name__}(...) raised {type(exc).__name__}: {exc}", key=key) from exc

@@ -41,25 +41,18 @@ class TrainerExecutor(Executor):
         assert trainer is not None, "setup() runs before the first task"
         trainer.set_weights(task.payload.weights)
         info = TaskInfo(task.kind, task.round, task.num_rounds)
-        name = type(trainer).__qualname__
-        if task.kind == TRAIN:
-            trained = trainer.train(info)
-            if not isinstance(trained, TrainOutput):
-                raise TypeError(f"{name}.train() must return a fedstream.TrainOutput, got {_kind(trained)}")
-            return TaskOutput(
-                _samples(trained.num_samples, f"{name}.train()", minimum=1),
-                _metrics(trained.metrics, f"{name}.train()"),
-                trainer.get_weights(),
-            )
-        if task.kind == VALIDATE:
-            validated = trainer.validate(info)
-            if not isinstance(validated, ValidationOutput):
-                raise TypeError(f"{name}.validate() must return a fedstream.ValidationOutput, got {_kind(validated)}")
-            return TaskOutput(
-                _samples(validated.num_samples, f"{name}.validate()", minimum=1),
-                _metrics(validated.metrics, f"{name}.validate()"),
-            )
-        raise ValueError(f"a Trainer runs 'train' and 'validate' tasks, not {task.kind!r}")
+        if task.kind not in (TRAIN, VALIDATE):
+            raise ValueError(f"a Trainer runs 'train' and 'validate' tasks, not {task.kind!r}")
+        where = f"{type(trainer).__qualname__}.{task.kind}()"
+        expected = TrainOutput if task.kind == TRAIN else ValidationOutput
+        output = trainer.train(info) if task.kind == TRAIN else trainer.validate(info)
+        if not isinstance(output, expected):
+            raise TypeError(f"{where} must return a fedstream.{expected.__name__}, got {_kind(output)}")
+        return TaskOutput(
+            _samples(output.num_samples, where, minimum=1),
+            _metrics(output.metrics, where),
+            trainer.get_weights() if task.kind == TRAIN else {},
+        )
 
     def release(self) -> None:
         if self._trainer is not None:
