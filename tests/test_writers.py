@@ -39,13 +39,13 @@ def test_mlflow_calls_become_records(records: list[Record]) -> None:
     writer.log_metrics({"a": 1, "b": np.float32(2.5)}, step=7)
     writer.log_param("lr", 0.1)
     writer.log_params({"opt": "sgd"})
-    writer.set_tag("site", "site-1")
+    writer.set_tag("where", "site-1")
     writer.set_tags({"round": 1})
     writer.log_text("hello", "notes/a.txt")
     kinds = [(r.kind, r.key, r.value, r.step) for r in records]
     assert kinds == [
         (METRIC, "loss", 0.5, 3), (METRIC, "loss", 0.25, 4), (METRIC, "a", 1.0, 7), (METRIC, "b", 2.5, 7),
-        (PARAM, "lr", "0.1", 0), (PARAM, "opt", "sgd", 0), (TAG, "site", "site-1", 0), (TAG, "round", "1", 0),
+        (PARAM, "lr", "0.1", 0), (PARAM, "opt", "sgd", 0), (TAG, "where", "site-1", 0), (TAG, "round", "1", 0),
         (ARTIFACT, "notes/a.txt", "hello", 0),
     ]  # fmt: skip
     assert before <= records[0].time <= time.time()
@@ -144,6 +144,11 @@ def test_nan_and_infinity_pass_through(records: list[Record]) -> None:
         (lambda w: w.log_text("x" * 1_000_001, "a.txt"), ValueError, "more than the 1,000,000 allowed"),
         (lambda w: SummaryWriter().add_text("t", "x" * 1_000_001), ValueError, "more than the 1,000,000"),
         (lambda w: SummaryWriter().add_scalars("a@b", {"x": 1.0}), ValueError, "main tag 'a@b'"),
+        # tags fedstream and MLflow set on a site's run: a site must not rename or detach its run
+        (lambda w: w.set_tag("mlflow.runName", "other"), ValueError, "tag 'mlflow.runName' is reserved"),
+        (lambda w: w.set_tag("mlflow.parentRunId", "x"), ValueError, "is reserved"),
+        (lambda w: w.set_tags({"ok": 1, "site": "site-2"}), ValueError, "tag 'site' is reserved"),
+        (lambda w: w.set_tag("fedstream.job_id", "x"), ValueError, "is reserved"),
     ],
 )
 def test_bad_calls_fail_at_the_call_site(records: list[Record], call, error: type, words: str) -> None:  # type: ignore[no-untyped-def]
@@ -191,6 +196,8 @@ def test_server_rechecks_what_arrives() -> None:
         from_wire(wire("param", "p", "x" * 6001))
     with pytest.raises(TypeError, match="value must be a str"):
         from_wire(wire("tag", "t", 5))
+    with pytest.raises(ValueError, match="is reserved"):
+        from_wire(wire("tag", "mlflow.parentRunId", "x"))
 
 
 def test_a_failed_call_does_not_move_the_automatic_steps(records: list[Record]) -> None:

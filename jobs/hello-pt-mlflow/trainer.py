@@ -20,7 +20,7 @@ class MLflowHelloPT(HelloPTTrainer):
             {"learning_rate": self.lr, "momentum": 0.9, "batch_size": self.batch_size, "epochs": self.epochs,
              "loss": "CrossEntropyLoss"}
         )
-        self.writer.set_tag("site", self.site.name)
+        self.writer.set_tag("data", f"CIFAR-10, {len(self.data.train_indices)} training samples")
 
     def on_batch(self, task: TaskInfo, step: int, loss: float, running_loss: float) -> None:
         global_step = task.global_step(step, self.steps_per_round)

@@ -97,6 +97,8 @@ class Workspace:
         marker = folder / MARKER
         if folder.exists() and not folder.is_dir():
             raise ConfigError("the workspace is a file, not a folder", file=str(folder))
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError("the workspace folder is not writable by this user", file=str(folder))
         if folder.is_dir() and any(folder.iterdir()):
             if not marker.is_file():
                 raise ConfigError(
@@ -106,9 +108,14 @@ class Workspace:
             _remove_entries(folder, marker.read_text().split())
         workspace = cls(folder)
         entries = [SERVER, RESULT, LOG, *check_site_names(sites)]
-        for path in (workspace.server, *(workspace.site(s) for s in sites)):
-            path.mkdir(parents=True, exist_ok=True)
-        marker.write_text("\n".join(entries) + "\n")
+        try:
+            for path in (workspace.server, *(workspace.site(s) for s in sites)):
+                path.mkdir(parents=True, exist_ok=True)
+            marker.write_text("\n".join(entries) + "\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the workspace: {exc.strerror} ({exc.filename})", file=str(folder)
+            ) from None
         return workspace
 
     def write_result(self, data: dict[str, Any]) -> None:

@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except FedstreamError as exc:
         Console(stderr=True).print(f"error: {exc}", style="red", soft_wrap=True, markup=False, highlight=False)
         return EXIT_USAGE if isinstance(exc, ConfigError) else 1
+    except OSError as exc:  # a full or read-only disk, a file that vanished: one line, not a traceback
+        Console(stderr=True).print(f"error: {exc}", style="red", soft_wrap=True, markup=False, highlight=False)
+        return 1
     except KeyboardInterrupt:
         return 130
 

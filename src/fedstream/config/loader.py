@@ -31,12 +31,20 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Component:
-    """A resolved component: its class, its validated arguments and where it sits in the config."""
+    """A resolved component: its class, its validated arguments and where it sits in the config.
+
+    ``overridden`` holds the dotted keys that ``--set`` gave, so that an error names ``(--set)`` for them.
+    """
 
     key: str
     cls: type
     args: BaseModel
     source: str
+    overridden: frozenset[str] = frozenset()
+
+    def locate(self, error: ConfigError) -> ConfigError:
+        """``error``, raised about this component's arguments (key relative to them), placed in the config."""
+        return _located(error.located(prefix=f"{self.key}.args"), self.source, self.overridden)
 
     def build(self, base: type[T]) -> T:
         """Construct it; the class must derive from ``base``. Errors name the source file and key."""
@@ -49,7 +57,7 @@ class Component:
         try:
             built: T = instantiate(self.cls, self.args, f"{self.key}.args")
         except ConfigError as exc:
-            raise exc.located(file=self.source) from exc
+            raise _located(exc, self.source, self.overridden) from exc
         return built
 
 
@@ -83,6 +91,15 @@ class Job:
     def to_toml(self) -> str:
         """The resolved config as TOML; loading it back gives the same job."""
         return tomli_w.dumps(self.to_dict())
+
+
+def _located(error: ConfigError, source: str, overridden: frozenset[str]) -> ConfigError:
+    """``error`` placed in ``source``, marked ``(--set)`` when its key (or a key within it) came from ``--set``;
+    a constructor's error names only its arguments table, so any override inside that table counts."""
+    by_override = any(
+        error.key == k or error.key.startswith(k + ".") or k.startswith(error.key + ".") for k in overridden
+    )
+    return error.located(file=f"{source} (--set)" if by_override else source)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -161,13 +178,10 @@ def load_job(job_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, source: str) -> Job:
     """Validate already-parsed job data (a ``job.toml`` or a resolved config) for the job in ``folder``."""
-    overridden = apply_overrides(data, overrides)
+    overridden = frozenset(apply_overrides(data, overrides))
 
     def where(error: ConfigError) -> ConfigError:
-        by_override = any(
-            error.key == k or error.key.startswith(k + ".") or k.startswith(error.key + ".") for k in overridden
-        )
-        return error.located(file=f"{source} (--set)" if by_override else source)
+        return _located(error, source, overridden)
 
     try:
         config = JobConfig.model_validate(data)
@@ -184,7 +198,7 @@ def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, s
                 raise ConfigError(f"{ref.path!r} is a {type(cls).__name__}, not a class", key=f"{key}.path")
             if not issubclass(cls, import_object(kind, "")):
                 raise ConfigError(f"{ref.path} is not a {kind}", key=f"{key}.path")
-            components[key] = Component(key, cls, validate_args(cls, ref.args, f"{key}.args"), source)
+            components[key] = Component(key, cls, validate_args(cls, ref.args, f"{key}.args"), source, overridden)
         except ConfigError as exc:
             raise where(exc) from None
     return Job(dir=folder, config=config, components=components, source=source)

@@ -68,11 +68,12 @@ class JobFinished:
 
 def build(job: Job, sites: Sequence[str]) -> ServerComponents:
     """Build the workflow and receivers of ``job`` and check the workflow against ``sites``."""
-    workflow = job.component("server.workflow").build(Workflow)
+    component = job.component("server.workflow")
+    workflow = component.build(Workflow)
     try:
         workflow.check(sites)
     except ConfigError as exc:
-        raise exc.located(file=job.source, prefix="server.workflow.args") from exc
+        raise component.locate(exc) from exc
     receivers = {
         name: job.component(f"server.receivers.{name}").build(Receiver) for name in job.config.server.receivers
     }

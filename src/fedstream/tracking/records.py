@@ -148,6 +148,21 @@ def check_timestamp_ms(timestamp: Any, key: str) -> float:
     return milliseconds / 1000
 
 
+RESERVED_TAGS = ("mlflow.", "fedstream.")
+RESERVED_TAG_NAMES = ("site",)
+
+
+def check_tag_name(key: Any) -> str:
+    """A tag name a site may set: not one of the tags MLflow and fedstream set on a site's run."""
+    name = check_key(key, "tag name")
+    if name.startswith(RESERVED_TAGS) or name in RESERVED_TAG_NAMES:
+        raise ValueError(
+            f"tag {name!r} is reserved: MLflow and fedstream set the tags mlflow.*, fedstream.* and site on a "
+            "site's run (its name, its parent run, its site); choose another name"
+        )
+    return name
+
+
 def check_text(value: Any, kind: str, key: str) -> str:
     """A param, tag or text value: a str no longer than what every backend stores in full."""
     if not isinstance(value, str):
@@ -166,6 +181,6 @@ def from_wire(data: Any) -> Record:
     kind, key = data["kind"], data["key"]
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
-    key = check_path(key) if kind == ARTIFACT else check_key(key)
+    key = check_path(key) if kind == ARTIFACT else check_tag_name(key) if kind == TAG else check_key(key)
     value = check_value(data["value"], key) if kind == METRIC else check_text(data["value"], kind, key)
     return Record(kind, key, value, check_step(data["step"], key), check_time(data["time"], key))

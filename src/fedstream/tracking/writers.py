@@ -30,6 +30,7 @@ from fedstream.tracking.records import (
     check_key,
     check_path,
     check_step,
+    check_tag_name,
     check_text,
     check_time,
     check_timestamp_ms,
@@ -66,7 +67,7 @@ def _labels(kind: str, values: Mapping[Any, Any]) -> None:
     now = time.time()
     records = []
     for key, value in values.items():
-        name = check_key(key, f"{kind} name")
+        name = check_tag_name(key) if kind == TAG else check_key(key, f"{kind} name")
         records.append(Record(kind, name, check_text(str(value), kind, name), 0, now))
     _emit(site, records)
 
