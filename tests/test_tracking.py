@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -372,3 +376,86 @@ def test_tracking_server_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert "is back" in (ws / "server" / "log.txt").read_text()
+
+
+def stored_gated(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as connection:
+            return int(connection.execute("SELECT COUNT(*) FROM metrics WHERE key = 'gated'").fetchone()[0])
+    except sqlite3.Error:  # not created yet
+        return -1
+
+
+def processes_of(pid: int) -> list[int]:
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+def gone(pids: list[int]) -> bool:
+    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_sigterm_leaves_a_result_and_killed_runs(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    job = logging_job(tmp_path, trainer_args=f'gate = "{gate}"', mlflow_args="flush_interval_s = 0.2")
+    (job / "job.toml").write_text((job / "job.toml").read_text().replace("LoggingTrainer", "GatedTrainer"))
+    ws = tmp_path / "ws"
+    process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q",
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        server_log = ws / "server" / "log.txt"
+        wait_for(lambda: server_log.is_file() and "MLflow: experiment" in server_log.read_text(), "MLflow to open")
+        wait_for(lambda: stored_gated(ws / "server" / "mlflow.db") == 400, "round 1's records in MLflow")
+        children = processes_of(process.pid)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output
+    result = read_result(ws)
+    assert result["status"] == "failed" and result["error"] == "interrupted (SIGTERM)"
+    mlflow = result["tracking"]["mlflow"]
+    assert mlflow["received"] == mlflow["written"] + mlflow["dropped"] > 0, "every record is accounted for"
+    client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
+    for run_id in [mlflow["parent_run_id"], *mlflow["child_run_ids"].values()]:
+        assert client.get_run(run_id).info.status == "KILLED"
+    wait_for(lambda: gone(children), "the workers and receivers to be gone")
+
+
+def test_ctrl_c_while_waiting_for_a_hung_tracking_server_still_writes_the_result(tmp_path: Path) -> None:
+    server = MlflowServer(tmp_path / "mlflow").start()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    job = logging_job(
+        tmp_path,
+        tracking_uri=server.url,
+        trainer_args=f'gate = "{gate}"',
+        mlflow_args="http_max_retries = 0\nhttp_timeout_s = 300\nflush_interval_s = 0.2\nstop_timeout_s = 600.0",
+    )
+    (job / "job.toml").write_text((job / "job.toml").read_text().replace("LoggingTrainer", "GatedTrainer"))
+    ws = tmp_path / "ws"
+    process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-v",
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: gated_count(server) == 400, "round 1's records on the tracking server")
+        server.pause()
+        for r in (1, 2):
+            (gate / f"round-{r}").touch()
+        server_log = ws / "server" / "log.txt"
+        wait_for(lambda: "waiting for mlflow to write" in server_log.read_text(), "the end-of-job wait", 300)
+        began = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+        assert time.monotonic() - began < 60, "Ctrl-C ends the wait"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        server.pause(False)
+        server.stop()
+    assert process.returncode == 3, output  # the job completed; tracking did not
+    result = read_result(ws)
+    assert result["status"] == "completed" and len(result["rounds"]) == 2
+    mlflow = result["tracking"]["mlflow"]
+    assert mlflow["dropped"] > 0 and mlflow["received"] == mlflow["written"] + mlflow["dropped"]
+    assert any("did not close by its deadline" in error for error in mlflow["errors"]), mlflow["errors"]

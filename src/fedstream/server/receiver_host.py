@@ -125,6 +125,12 @@ class ReceiverHost:
             self._cond.notify_all()
 
     @property
+    def pending(self) -> int:
+        """Events received and not yet written (waiting, or on their way to the receiver's process)."""
+        with self._cond:
+            return len(self._queue) + self._inflight
+
+    @property
     def unavailable(self) -> str:
         """Why the backend does not take events now; empty while it does."""
         with self._cond:
@@ -150,13 +156,12 @@ class ReceiverHost:
             return
         with self._cond:
             self._absorb(opened[1])
-        if self._feed():
-            closed = self._call(("close", self._outcome))
-            if closed is None:
-                self._note(f"{self.name} did not close by its deadline; its runs or files may be left open")
-            else:
-                with self._cond:
-                    self._absorb(closed[1])
+        closed = self._call(("close", self._outcome)) if self._feed() else None
+        if closed is None:
+            self._note(f"{self.name} did not close by its deadline; its runs or files may be left open")
+        else:
+            with self._cond:
+                self._absorb(closed[1])
 
     def _feed(self) -> bool:
         """Feed the process, keeping a second batch on its way while it writes one (none while the backend is
@@ -180,7 +185,7 @@ class ReceiverHost:
             batch = sent.popleft()
             reply = self._reply(None)
             if reply is None:
-                self._lost(sum(map(len, sent)) + len(batch) + len(held), "its process stopped, or the deadline passed")
+                self._lost(sum(map(len, sent)) + len(batch) + len(held), self._why_no_reply())
                 self._kill()
                 return False
             _, refused, pending, reason, news = reply
@@ -244,6 +249,12 @@ class ReceiverHost:
         if reply is None:
             self._kill()
         return reply
+
+    def _why_no_reply(self) -> str:
+        assert self._process is not None
+        if self._process.is_alive():
+            return f"the deadline passed while the backend was {self._unavailable or 'still writing'}"
+        return f"its process exited (code {self._process.exitcode})"
 
     def _send(self, message: tuple[str, Any]) -> bool:
         assert self._conn is not None

@@ -190,6 +190,17 @@ class ServerRuntime:
             }
             for name, host in hosts.items():
                 if host in started:
+                    if host.pending:
+                        why = f" ({host.unavailable})" if host.unavailable else ""
+                        noticeable = host.unavailable or host.pending > 10_000  # seconds of writing, or an outage
+                        log.log(
+                            logging.WARNING if noticeable else logging.INFO,
+                            "waiting for %s to write %d events%s, at most %g s; Ctrl-C stops waiting",
+                            name,
+                            host.pending,
+                            why,
+                            host.receiver.stop_timeout_s,
+                        )
                     host.stop(outcome)
                 report = host.report()
                 tracking[name] = {
