@@ -116,6 +116,7 @@ def start(doc: str, out: Path) -> tuple[int, Path]:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     out.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"  # not ./mlflow.db in the checkout
     return args.repeat, cifar_root(out)
 
 

@@ -59,8 +59,21 @@ def end_to_end(ws: Path) -> dict[str, float]:
     from mlflow import MlflowClient
 
     shutil.rmtree(ws, ignore_errors=True)
+    Path(f"{ws}.mlflow.db").unlink(missing_ok=True)
     run = measure(
-        fedstream("simulate", str(REPO / "bench" / "jobs" / "burst"), "-w", str(ws), "-n", "2", "-t", "2", "-q"),
+        fedstream(
+            "simulate",
+            str(REPO / "bench" / "jobs" / "burst"),
+            "-w",
+            str(ws),
+            "-n",
+            "2",
+            "-t",
+            "2",
+            "-q",
+            "--set",
+            f"server.receivers.mlflow.args.tracking_uri=sqlite:///{ws}.mlflow.db",  # a new store, as raw's
+        ),
         log=OUT / "burst.log",
     )
     if run.returncode:

@@ -117,7 +117,9 @@ def hello_job(folder: Path, data_root: Path, *, rounds: int = 1, extra: str = ""
     )
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m fedstream ARGS`` in a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "fedstream", *args],
@@ -125,7 +127,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
-        cwd=REPO,
+        cwd=cwd,
     )
 
 

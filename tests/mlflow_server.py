@@ -33,7 +33,7 @@ class MlflowServer:
         command = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-            "--artifacts-destination", str(self.folder / "artifacts"),
+            "--artifacts-destination", str(self.folder / "mlartifacts"),  # its default, in its folder
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         log = (self.folder / "server.log").open("ab")

@@ -136,8 +136,24 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 
 
 def check_mlflow(result: dict[str, Any], ws: Path) -> None:
+    """Everything the logging job logged, read back the way a user would: through ``mlflow ui`` started where
+    the store is (for a store on this machine), or the tracking server."""
     tracking = result["tracking"]["mlflow"]
-    client = MlflowClient(tracking_uri=tracking["tracking_uri"])
+    uri = tracking["tracking_uri"]
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        assert tracking["view"] == f"cd {folder} && mlflow ui"
+        ui = MlflowServer(folder).start()  # `mlflow ui` in that folder: its mlflow.db and ./mlartifacts
+        try:
+            check_runs(result, ws, MlflowClient(tracking_uri=ui.url))
+        finally:
+            ui.stop()
+    else:
+        check_runs(result, ws, MlflowClient(tracking_uri=uri))
+
+
+def check_runs(result: dict[str, Any], ws: Path, client: MlflowClient) -> None:
+    tracking = result["tracking"]["mlflow"]
     assert tracking["errors"] == [] and tracking["dropped"] == 0
     assert tracking["received"] == tracking["written"]
     experiment = client.get_experiment(tracking["experiment_id"])
@@ -207,10 +223,10 @@ def check_tensorboard(result: dict[str, Any]) -> None:
     assert [(e.step, round(e.value, 6)) for e in server.Scalars("accuracy")] == [(1, 0.6), (2, 0.7)]
 
 
-def test_embedded_store_holds_every_record(tmp_path: Path) -> None:
+def test_embedded_store_holds_every_record(tmp_path: Path, tracking_store: Path) -> None:
     code, result, out = simulate(logging_job(tmp_path), tmp_path / "ws")
     assert code == 0, out
-    assert result["tracking"]["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'ws' / 'server' / 'mlflow.db'}"
+    assert result["tracking"]["mlflow"]["tracking_uri"] == f"sqlite:///{tracking_store / 'mlflow.db'}"
     check_mlflow(result, tmp_path / "ws")
     check_tensorboard(result)
     assert result["tracking"]["events"]["duplicates"] == {"site-1": 0, "site-2": 0}
@@ -289,7 +305,7 @@ def test_the_hello_pt_tracking_jobs(tmp_path: Path, tiny_cifar: Path, job_name: 
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     result = read_result(tmp_path / "ws")
-    assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout and "tensorboard --logdir" in done.stdout
+    assert "&& mlflow ui" in done.stdout and "tensorboard --logdir" in done.stdout
     tracking = result["tracking"]["mlflow"]
     client = MlflowClient(tracking_uri=tracking["tracking_uri"])
     steps_per_round = -(-150 // 32)  # 300 training samples split between 2 sites, batch 32
@@ -303,10 +319,10 @@ def test_the_hello_pt_tracking_jobs(tmp_path: Path, tiny_cifar: Path, job_name: 
     if job_name == "hello-pt-mlflow":
         run = client.get_run(tracking["child_run_ids"]["site-1"])
         assert run.data.tags["site"] == "site-1"
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == [
-            "notes/round_1.txt",
-            "notes/round_2.txt",
-        ]
+        store = Path(tracking["tracking_uri"].removeprefix("sqlite:///")).parent
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), "a location that survives moving the folder"
+        notes = store / "mlartifacts" / run.info.artifact_uri.removeprefix("mlflow-artifacts:/") / "notes"
+        assert sorted(path.name for path in notes.iterdir()) == ["round_1.txt", "round_2.txt"]
     check = EventAccumulator(
         str(Path(result["tracking"]["tensorboard"]["logdir"]) / "site-2"), size_guidance={"scalars": 0}
     )
@@ -394,7 +410,7 @@ def gone(pids: list[int]) -> bool:
     return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
 
 
-def test_sigterm_leaves_a_result_and_killed_runs(tmp_path: Path) -> None:
+def test_sigterm_leaves_a_result_and_killed_runs(tmp_path: Path, tracking_store: Path) -> None:
     gate = tmp_path / "gate"
     gate.mkdir()
     job = logging_job(tmp_path, trainer_args=f'gate = "{gate}"', mlflow_args="flush_interval_s = 0.2")
@@ -405,7 +421,7 @@ def test_sigterm_leaves_a_result_and_killed_runs(tmp_path: Path) -> None:
     try:
         server_log = ws / "server" / "log.txt"
         wait_for(lambda: server_log.is_file() and "MLflow: experiment" in server_log.read_text(), "MLflow to open")
-        wait_for(lambda: stored_gated(ws / "server" / "mlflow.db") == 400, "round 1's records in MLflow")
+        wait_for(lambda: stored_gated(tracking_store / "mlflow.db") == 400, "round 1's records in MLflow")
         children = processes_of(process.pid)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
@@ -459,3 +475,32 @@ def test_ctrl_c_while_waiting_for_a_hung_tracking_server_still_writes_the_result
     mlflow = result["tracking"]["mlflow"]
     assert mlflow["dropped"] > 0 and mlflow["received"] == mlflow["written"] + mlflow["dropped"]
     assert any("did not close by its deadline" in error for error in mlflow["errors"]), mlflow["errors"]
+
+
+def test_mlflow_history_piles_up_across_reruns_and_survives_moving_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # MLflow's default: mlflow.db where the command runs
+    project = tmp_path / "project"
+    project.mkdir()
+    job = logging_job(tmp_path)
+    results = []
+    for _ in range(2):  # the same workspace twice: the second run must not wipe the first from MLflow
+        done = run_cli("simulate", str(job), "-w", "ws", "-q", cwd=project)
+        assert done.returncode == 0, done.stdout + done.stderr
+        results.append(read_result(project / "ws"))
+    assert {r["tracking"]["mlflow"]["tracking_uri"] for r in results} == {f"sqlite:///{project / 'mlflow.db'}"}
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    ui = MlflowServer(moved).start()  # what `cd moved && mlflow ui` serves
+    try:
+        client = MlflowClient(tracking_uri=ui.url)
+        for result in results:
+            mlflow = result["tracking"]["mlflow"]
+            assert client.get_run(mlflow["parent_run_id"]).info.status == "FINISHED"
+            run_id = mlflow["child_run_ids"]["site-1"]
+            (tmp_path / run_id).mkdir()
+            local = client.download_artifacts(run_id, "notes/round_2.txt", str(tmp_path / run_id))
+            assert Path(local).read_text() == "hello from site-1 in round 2"
+    finally:
+        ui.stop()

@@ -139,7 +139,7 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
     for name, info in result["tracking"].items():
         if isinstance(info, dict) and info.get("view"):
             lines.append(f"{name:<11} {info['view']}")
-            if info["view"].startswith("mlflow ui") and importlib.util.find_spec("flask") is None:
+            if "mlflow ui" in info["view"] and importlib.util.find_spec("flask") is None:
                 lines.append(f"{'':<11} (mlflow ui needs the full mlflow package: pip install mlflow)")
     for line in lines:  # whole lines, so that commands and paths can be copied
         console.print(line, soft_wrap=True, markup=False, highlight=False)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import secrets
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,13 @@ from typing import Any
 from fedstream.errors import TrackingError
 from fedstream.events import Event, Forwarded
 from fedstream.server.receiver import BackendUnavailable, JobInfo, JobOutcome, Receiver
-from fedstream.tracking.mlflow_uri import absolute, check_syntax, check_usable
+from fedstream.tracking.mlflow_uri import absolute, check_syntax, check_usable, default_uri
 from fedstream.tracking.records import ARTIFACT, FED_ANALYTICS, METRIC, PARAM, TAG, Record, check_key, from_wire
 from fedstream.workflows.base import RoundCompleted
 
 log = logging.getLogger(__name__)
 
+ARTIFACTS_SCHEME = "mlflow-artifacts:/"
 MAX_METRICS = 1000
 MAX_PARAMS_OR_TAGS = 100
 PARENT = ""  # the parent run's key among the runs
@@ -50,10 +53,11 @@ Item = tuple[int, Record]  # a record and the index of the event it came from
 
 @dataclass
 class _Run:
-    """One MLflow run and the params it already holds."""
+    """One MLflow run, where its artifacts go, and the params it already holds."""
 
     name: str
     run_id: str = ""
+    artifact_uri: str = ""
     logged_params: dict[str, str] = field(default_factory=dict)
 
 
@@ -131,7 +135,10 @@ class MLflowReceiver(Receiver):
 
     # -- Receiver -----------------------------------------------------------------------------------------------
     def check(self, job: JobInfo) -> None:
-        self._uri = uri = self.tracking_uri or f"sqlite:///{job.workspace / 'mlflow.db'}"
+        try:
+            self._uri = uri = self.tracking_uri or default_uri()
+        except ValueError as exc:
+            raise TrackingError(str(exc)) from None
         self.details["tracking_uri"] = uri
         try:
             check_usable(uri, self.http_timeout_s)
@@ -199,10 +206,9 @@ class MLflowReceiver(Receiver):
         if self._disabled or PARENT not in self._runs:
             return
         try:
-            parent = self._runs[PARENT].run_id
             for name, path in outcome.models.items():
                 if path.is_file():
-                    self._client.log_artifact(parent, str(path), artifact_path="models")
+                    self._store_file(self._runs[PARENT], f"models/{path.name}", path.read_bytes())
                     log.info("MLflow: logged the %s model %s", name, path)
             for run in self._runs.values():
                 if run.run_id:
@@ -223,9 +229,9 @@ class MLflowReceiver(Receiver):
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+            # A store on this machine keeps artifacts beside it, named the way `mlflow ui` serves them, so that
+            # the folder can be moved or copied; a tracking server chooses for itself.
+            location = f"{ARTIFACTS_SCHEME}{secrets.token_hex(8)}" if uri.startswith("sqlite:") else None
             try:
                 experiment_id = client.create_experiment(name, artifact_location=location, tags=self.experiment_tags)
             except MlflowException as exc:  # created meanwhile by another job
@@ -263,9 +269,7 @@ class MLflowReceiver(Receiver):
                 "parent_run_id": parent,
                 "parent_run_name": run_name,
                 "child_run_ids": {},
-                "view": f"mlflow ui --backend-store-uri {uri}"
-                if not uri.startswith(("http://", "https://"))
-                else f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent}",
+                "view": _view(uri, experiment_id, parent),
             }
         )
         log.info("MLflow: experiment %r (%s), parent run %s (%s) at %s", name, experiment_id, run_name, parent, uri)
@@ -308,7 +312,7 @@ class MLflowReceiver(Receiver):
                 continue
             path = record.key if record.kind == ARTIFACT else f"text/{record.key}/step_{record.step}.txt"
             try:
-                self._client.log_text(run.run_id, str(record.value), path)
+                self._store_file(run, path, str(record.value).encode())
             except Exception as exc:
                 self._check_refused(exc)
                 self._refuse_items([(index, record)], f"{run.name}: MLflow refused the text {path!r}: {_describe(exc)}")
@@ -370,6 +374,24 @@ class MLflowReceiver(Receiver):
         if events:
             self.refuse(len(events), reason)
 
+    def _store_file(self, run: _Run, path: str, content: bytes) -> None:
+        """Store ``content`` as the artifact ``path`` of ``run``: beside a store on this machine (where
+        `mlflow ui` looks for ``mlflow-artifacts:`` locations), through MLflow otherwise."""
+        if not run.artifact_uri:
+            run.artifact_uri = self._client.get_run(run.run_id).info.artifact_uri
+        if run.artifact_uri.startswith(ARTIFACTS_SCHEME) and self._uri.startswith("sqlite:"):
+            root = Path(self._uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+            target = root / run.artifact_uri.removeprefix(ARTIFACTS_SCHEME) / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / Path(path).name
+            local.write_bytes(content)
+            self._client.log_artifact(
+                run.run_id, str(local), artifact_path=str(Path(path).parent) if "/" in path else None
+            )
+
     def _create_child(self, run: _Run) -> None:
         tags = {
             "mlflow.parentRunId": self._runs[PARENT].run_id,
@@ -381,6 +403,17 @@ class MLflowReceiver(Receiver):
         }
         run.run_id = self._client.create_run(self._experiment_id, run_name=run.name, tags=tags).info.run_id
         self.details["child_run_ids"][run.name] = run.run_id
+
+
+def _view(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to look at the runs: the run's page on a tracking server, or `mlflow ui` where the store is."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        store = "" if path.name == "mlflow.db" else f" --backend-store-uri sqlite:///{path.name}"
+        return f"cd {path.parent} && mlflow ui{store}"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:

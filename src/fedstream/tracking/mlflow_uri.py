@@ -45,6 +45,18 @@ def check_syntax(uri: str) -> str:
     return uri
 
 
+def default_uri() -> str:
+    """MLflow's own default: ``MLFLOW_TRACKING_URI`` if set, else ``mlflow.db`` in the current folder (what a
+    plain ``mlflow ui`` started there shows)."""
+    variable = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not variable:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    try:
+        return absolute(check_syntax(variable))
+    except ValueError as exc:
+        raise ValueError(f"MLFLOW_TRACKING_URI: {exc}") from None
+
+
 def absolute(uri: str) -> str:
     """``uri`` with a relative SQLite path made absolute against the current directory (as MLflow reads it)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
