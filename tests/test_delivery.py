@@ -161,3 +161,13 @@ def test_a_trickle_of_events_leaves_within_max_delay_without_a_flush() -> None:
         time.sleep(0.01)
     assert seen[0].data["n"] == "x"
     outbox.close(stall_timeout_s=5)
+
+
+def test_batches_stay_small_when_events_carry_long_texts() -> None:
+    outbox, seen, link, _ = pipeline()
+    for i in range(12):
+        outbox.put(WireEvent("fed.analytics", {"n": i, "text": "x" * 1_000_000}))
+    assert outbox.flush(stall_timeout_s=30)
+    assert [event.data["n"] for event in seen] == list(range(12))
+    assert link.sent >= 3, "a batch closes at about 4 MB, not at 1000 events"
+    outbox.close(stall_timeout_s=5)

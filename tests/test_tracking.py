@@ -241,8 +241,13 @@ def test_a_real_tracking_server_holds_every_record(tmp_path: Path, mlflow_server
 
 
 def test_a_burst_of_fifty_thousand_calls_per_site_lands_in_order(tmp_path: Path) -> None:
-    job = logging_job(tmp_path, trainer_args="burst = 50000")
-    code, result, out = simulate(job, tmp_path / "ws", "--set", "server.workflow.args.num_rounds=1")
+    # The receivers hold at most 2,000 events: the burst must be slowed down, never dropped.
+    job = logging_job(tmp_path, trainer_args="burst = 50000", mlflow_args="max_spool_records = 2000")
+    code, result, out = simulate(
+        job, tmp_path / "ws",
+        "--set", "server.workflow.args.num_rounds=1",
+        "--set", "server.receivers.tensorboard.args.max_pending=2000",
+    )  # fmt: skip
     assert code == 0, out
     tracking = result["tracking"]["mlflow"]
     client = MlflowClient(tracking_uri=tracking["tracking_uri"])

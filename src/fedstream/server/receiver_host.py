@@ -97,6 +97,7 @@ class ReceiverHost:
                     why = self._unavailable or "the receiver is stopping"
                     self._drop(1, f"{self.receiver.max_pending} events waited ({why}); later ones were dropped")
                     return
+                self._cond.notify_all()  # the feeder writes a full queue at once
                 self._cond.wait()
             if not self._queue:
                 self._oldest = time.monotonic()
@@ -226,7 +227,8 @@ class ReceiverHost:
                 if self._stopping and not self._queue:
                     return None
                 ready_at = self._oldest + self.receiver.flush_interval_s
-                if self._stopping or len(self._queue) >= self.receiver.batch_size:
+                full = len(self._queue) + self._inflight >= self.receiver.max_pending  # a sender waits for room
+                if self._stopping or full or len(self._queue) >= self.receiver.batch_size:
                     ready_at = now
                 ready_at = max(ready_at, not_before)
                 if self._queue and now >= ready_at:
@@ -268,7 +270,7 @@ class ReceiverHost:
         assert self._conn is not None and self._process is not None
         while True:
             with self._cond:
-                limit = self._give_up_at if deadline is None else deadline
+                limit = self._give_up_at if deadline is None else min(deadline, self._give_up_at)
             if time.monotonic() >= limit or (not self._process.is_alive() and not self._conn.poll()):
                 return None
             try:

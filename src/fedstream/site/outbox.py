@@ -25,6 +25,9 @@ from fedstream.messages import EventBatch, WireEvent
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH_BYTES = 4 * 1024**2
+"""A batch closes at 1000 events or at about this many bytes (texts of up to 1 MB each may be logged)."""
+
 
 class Outbox:
     """A site's outgoing events: numbered, batched, acknowledged, resent."""
@@ -153,8 +156,11 @@ class Outbox:
         if len(self._pending) < self._batch_size and not self._flushing and wait > 0:
             self._cond.wait(wait)
             return None
-        count = min(self._batch_size, len(self._pending))
-        events = [self._pending.popleft() for _ in range(count)]
+        events: list[WireEvent] = []
+        size = 0
+        while self._pending and len(events) < self._batch_size and (not events or size < MAX_BATCH_BYTES):
+            events.append(self._pending.popleft())
+            size += _size(events[-1])
         self._oldest = now
         self._inflight = EventBatch(self.site, self.session, self._acked + 1, events)
         return self._inflight
@@ -173,6 +179,11 @@ class Outbox:
                     self._send(batch)
                 except Exception:
                     log.exception("%s: sending events failed; will resend", self.site)
+
+
+def _size(event: WireEvent) -> int:
+    """About how many bytes ``event`` takes on the wire: its text values dominate, numbers are small."""
+    return 64 + sum(len(value) for value in event.data.values() if isinstance(value, str))
 
 
 class Forwarder:

@@ -10,9 +10,11 @@ model-registry error for an unknown scheme, a bare ``ModuleNotFoundError`` for a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import ssl
 import urllib.error
 import urllib.request
@@ -85,6 +87,12 @@ def _check_sqlite(path: Path) -> None:
         raise ValueError(f"{path} cannot be read and written by this user")
     if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"the folder {folder} is not writable by this user")
+    try:  # what the permissions do not tell: a file system that refuses files, a database that is locked
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.rollback()
+    except sqlite3.Error as exc:
+        raise ValueError(f"SQLite cannot write {path}: {exc}") from None
 
 
 def _check_http(uri: str, timeout_s: float) -> None:
