@@ -60,7 +60,7 @@ def test_sqlite_stores_need_an_existing_folder(tmp_path: Path) -> None:
         check_usable(f"sqlite:///{tmp_path / 'dir.db'}", 1)
     with pytest.raises(ValueError, match="does not exist"):
         check_usable("sqlite:////proc/nope/m.db", 1)
-    with pytest.raises(ValueError, match="SQLite cannot write /proc/nope.db"):
+    with pytest.raises(ValueError, match=r"SQLite cannot write /proc/nope\.db"):
         check_usable("sqlite:////proc/nope.db", 1)  # the folder exists but takes no files
     check_usable(f"sqlite:///{tmp_path / 'm.db'}", 1)
 
