@@ -59,14 +59,19 @@ def _tree_pss(root: psutil.Process) -> tuple[float, int]:
 
 
 def measure(
-    command: list[str], *, memory: bool = False, interval_s: float = 0.05, log: Path | None = None
+    command: list[str],
+    *,
+    memory: bool = False,
+    interval_s: float = 0.05,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Measurement:
     """Run ``command`` to completion. With ``memory``, the tree's PSS is sampled every ``interval_s``
     seconds (which costs CPU: time such runs separately); otherwise peak PSS is reported as 0."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = log.open("w") if log else subprocess.DEVNULL
     began = time.perf_counter()
-    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     peak, peak_count = 0.0, 0
     stop = threading.Event()
 
