@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedstream import __version__
+from fedstream.cli import deploy
 from fedstream.errors import ConfigError, FedstreamError
 
 if TYPE_CHECKING:
@@ -36,6 +37,16 @@ example:
 """
     + EXIT_CODES
 )
+
+
+OVERRIDES: dict[str, Any] = {
+    "dest": "overrides",
+    "action": "append",
+    "default": [],
+    "metavar": "KEY=VALUE",
+    "help": "override a job config value by its dotted key, e.g. server.workflow.args.num_rounds=5 "
+    "(the value is read as TOML; plain text is taken as a string)",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,15 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         help="how many sites train at the same time, each in its own worker process (default: the number of "
         "sites, at most 2); the other sites wait for their turn",
     )
-    sim.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a job config value by its dotted key, e.g. server.workflow.args.num_rounds=5 "
-        "(the value is read as TOML; plain text is taken as a string)",
-    )
+    sim.add_argument("--set", **OVERRIDES)
     loud = sim.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", action="store_true", help="print only the outcome, in one line")
     loud.add_argument("-v", "--verbose", action="store_true", help="print log records instead of the live progress")
@@ -98,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the job's config with every default written out; the output is itself a job.toml.",
     )
     show.add_argument("job", help="job folder (holds job.toml)")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--set", **OVERRIDES)
+    deploy.add_parsers(commands, OVERRIDES)
     return parser
 
 
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args, console)
+        if args.command != "job":
+            return deploy.run(args, console)
         from fedstream.config import load_job
 
         print(load_job(args.job, args.overrides).to_toml(), end="")

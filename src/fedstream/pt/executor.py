@@ -7,16 +7,21 @@ not what the API promises), and sends the model's weights back after training.
 
 from __future__ import annotations
 
+import logging
 import numbers
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from fedstream.config import Job
-from fedstream.messages import TRAIN, VALIDATE, Task
+from fedstream.events import EventBus
+from fedstream.messages import TRAIN, VALIDATE, EventBatch, Task
 from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
 from fedstream.site.context import SiteContext
 from fedstream.site.executor import Executor, TaskOutput
+from fedstream.site.site import Site
 
 MAX_SAMPLES = 10**12
 """More samples than any site has: a larger count is a bug that would swamp the weighted average."""
@@ -88,3 +93,34 @@ def _metrics(metrics: Any, where: str) -> dict[str, float]:
         except (TypeError, ValueError, OverflowError):
             raise TypeError(f"{where}: metric {key!r} must be a number, got {_kind(value)}") from None
     return checked
+
+
+def job_sites(
+    job: Job,
+    job_id: str,
+    indices: dict[str, int],
+    num_sites: int,
+    workspace: Path,
+    send_events: Callable[[EventBatch], None],
+    executor: Callable[[], Executor] | None = None,
+) -> Callable[[str], Site]:
+    """Makes the :class:`~fedstream.site.site.Site` of ``job`` for a site name (its index in ``indices``, of
+    ``num_sites``):
+    its context, its executor (``executor()``; a :class:`TrainerExecutor` by default), and its events sent
+    through ``send_events``. Used by every site host: the simulator's workers and a deployed client."""
+
+    def make(name: str) -> Site:
+        context = SiteContext(
+            name=name,
+            index=indices[name],
+            num_sites=num_sites,
+            job_name=job.name,
+            job_id=job_id,
+            workspace=workspace / name,
+            bus=EventBus(),
+            log=logging.getLogger(f"fedstream.site.{name}"),
+        )
+        made = executor() if executor is not None else TrainerExecutor(job)
+        return Site(context, made, send_events, job.config.client.forward)
+
+    return make

@@ -131,6 +131,7 @@ class ServerRuntime:
         self._finishing = False
         self._signal = 0
         self._hosts: list[ReceiverHost] = []
+        self._federation: Federation | None = None
 
     def run(self, link: ServerLink, *, began: float | None = None) -> RunResult:
         """Run the job over ``link`` and write ``result.json``; never raises for a job that went wrong.
@@ -139,7 +140,7 @@ class ServerRuntime:
         """
         began = time.monotonic() if began is None else began
         self._subscribe()
-        federation = Federation(self.sites, self.bus)
+        federation = self._federation = Federation(self.sites, self.bus)
         models = ModelStore(self.workspace.models)
         hosts = {name: ReceiverHost(name, receiver) for name, receiver in self.components.receivers.items()}
         self._hosts = list(hosts.values())
@@ -221,6 +222,11 @@ class ServerRuntime:
         self.bus.fire(JobFinished(data))
         log.info("job %s %s in %.1f s", self.job.name, status, data["timing"]["total_s"])
         return RunResult(data, exit_code, self.workspace)
+
+    def abort(self, reason: str) -> None:
+        """Make the running job fail with ``reason`` (from another thread); nothing before it starts."""
+        if self._federation is not None:
+            self._federation.abort(reason)
 
     def _subscribe(self) -> None:
         def round_started(event: RoundStarted) -> None:

@@ -18,14 +18,11 @@ from typing import Any
 
 from fedstream import logs
 from fedstream.children import detach_from_terminal_signals
-from fedstream.config import Job, load_job_data
+from fedstream.config import load_job_data
 from fedstream.errors import TransportError
-from fedstream.events import EventBus
 from fedstream.link import SiteEndpoint
 from fedstream.messages import EventAck, EventBatch, Join, Message, Result, Shutdown, Task
-from fedstream.site.context import SiteContext
 from fedstream.site.host import SiteHost
-from fedstream.site.site import Site
 from fedstream.wire import decode, encode
 
 log = logging.getLogger(__name__)
@@ -96,35 +93,19 @@ class PipeSiteLink:
                 endpoint.shutdown(message.reason)
 
 
-def _site_maker(job: Job, spec: WorkerSpec, link: PipeSiteLink) -> Any:
-    from fedstream.pt.executor import TrainerExecutor
-
-    def make(name: str) -> Site:
-        context = SiteContext(
-            name=name,
-            index=spec.sites[name],
-            num_sites=spec.num_sites,
-            job_name=job.name,
-            job_id=spec.job_id,
-            workspace=Path(spec.workspace) / name,
-            bus=EventBus(),
-            log=logging.getLogger(f"fedstream.site.{name}"),
-        )
-        return Site(context, TrainerExecutor(job), link.send_events, job.config.client.forward)
-
-    return make
-
-
 def main(spec_json: str, conn: Connection) -> None:
     """Entry point of a worker process."""
     detach_from_terminal_signals()
     spec = WorkerSpec.from_json(spec_json)
     import torch
 
+    from fedstream.pt.executor import job_sites
+
     torch.set_num_threads(spec.torch_threads)
     logs.setup_worker(Path(spec.workspace), list(spec.sites), verbose=spec.verbose)
     job = load_job_data(Path(spec.job_dir), spec.config, [], source=spec.job_source)
     link = PipeSiteLink(conn)
     log.info("worker %d (pid %d) hosts %s", spec.index, os.getpid(), ", ".join(spec.sites))
-    SiteHost(link, list(spec.sites), _site_maker(job, spec, link)).serve()
+    make_site = job_sites(job, spec.job_id, spec.sites, spec.num_sites, Path(spec.workspace), link.send_events)
+    SiteHost(link, list(spec.sites), make_site).serve()
     logging.shutdown()

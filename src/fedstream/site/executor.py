@@ -38,3 +38,17 @@ class Executor(ABC):
 
     def release(self) -> None:  # noqa: B027 - optional hook
         """Called after every task: free what is not needed until the next one."""
+
+
+class Unusable(Executor):
+    """The executor of a site that cannot run the job (its own settings are wrong): every task fails with
+    ``error``, so the server learns why."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def setup(self, site: SiteContext) -> None:
+        raise self.error
+
+    def execute(self, task: Task) -> TaskOutput:
+        raise self.error

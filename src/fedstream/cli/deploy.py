@@ -1,0 +1,183 @@
+"""The deployment commands: provision, csr, sign, server, client, submit, jobs, sites, poc."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+DEPLOY_EXAMPLE = """\
+example (one machine; see README "Deploying" for several):
+  fedstream provision project.toml -o kits
+  fedstream server start kits/server -w /srv/fedstream &
+  fedstream client start kits/site-1 -w /var/fedstream &
+  fedstream submit jobs/hello-pt-mlflow --kit kits/admin --follow
+"""
+
+
+def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
+    """Add the deployment commands to the ``fedstream`` parser's subcommands."""
+    prov = commands.add_parser(
+        "provision",
+        help="issue a federation's CA and startup kits",
+        description="Create a CA and a startup kit per participant named in project.toml; running it again "
+        "adds the kits of new participants and leaves existing ones alone.",
+        epilog=DEPLOY_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prov.add_argument("project", help="project.toml: name, [server] hosts and port, sites, admins")
+    prov.add_argument("-o", "--output", required=True, help="folder for ca/ and the kits")
+
+    csr = commands.add_parser("csr", help="make a private key and a certificate signing request (on a site)")
+    csr.add_argument("name", help="the participant's name (its certificate's common name)")
+    csr.add_argument("-o", "--output", required=True, help="the kit folder to make; the key stays in it")
+    sign = commands.add_parser("sign", help="sign a participant's request with the CA (where the CA is)")
+    sign.add_argument("request", help="the .csr file")
+    sign.add_argument("project", help="the federation's project.toml")
+    sign.add_argument("-o", "--output", required=True, help="the folder that holds ca/ (the kits folder)")
+    sign.add_argument("--role", choices=["site", "admin"], default="site")
+
+    server = commands.add_parser("server", help="run the federation's server")
+    server_commands = server.add_subparsers(dest="server_command", required=True, metavar="COMMAND")
+    start = server_commands.add_parser("start", help="listen for sites and admins and run submitted jobs")
+    start.add_argument("kit", help="the server's startup kit")
+    start.add_argument("-w", "--workspace", required=True, help="folder for the jobs' outputs")
+    start.add_argument("--listen", default="", help="address to listen on (default 0.0.0.0:<the kit's port>)")
+    start.add_argument(
+        "--absent-after", type=float, default=30.0, help="seconds of silence after which a site is absent"
+    )
+
+    client = commands.add_parser("client", help="run a site's client")
+    client_commands = client.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
+    cstart = client_commands.add_parser("start", help="connect to the server and run the site's part of jobs")
+    cstart.add_argument("kit", help="the site's startup kit")
+    cstart.add_argument("-w", "--workspace", required=True, help="folder for the jobs' code and logs")
+    cstart.add_argument("--threads", type=int, default=0, help="PyTorch threads for training (default: all cores)")
+
+    submit = commands.add_parser("submit", help="submit a job to the server (admins)")
+    submit.add_argument("job", help="job folder (holds job.toml)")
+    submit.add_argument("--kit", required=True, help="an admin's startup kit")
+    submit.add_argument("--sites", default="", help="comma-separated sites (default: the connected ones)")
+    submit.add_argument("--follow", action="store_true", help="show its progress and wait for its end")
+    submit.add_argument("--set", **overrides)
+
+    jobs = commands.add_parser("jobs", help="list, watch or abort jobs on the server (admins)")
+    jobs.add_argument("action", choices=["list", "status", "abort"])
+    jobs.add_argument("job_id", nargs="?", default="")
+    jobs.add_argument("--kit", required=True, help="an admin's startup kit")
+
+    sites = commands.add_parser("sites", help="the sites the server has seen (admins)")
+    sites.add_argument("--kit", required=True, help="an admin's startup kit")
+
+    poc = commands.add_parser(
+        "poc",
+        help="run a job on a real deployment on this machine",
+        description="Provision a federation, start its server and one client per site as separate processes "
+        "on 127.0.0.1 over mutual TLS, run the job, and stop them all.",
+    )
+    poc.add_argument("job", help="job folder (holds job.toml)")
+    poc.add_argument("-w", "--workspace", required=True, help="folder for kits, the server's and sites' outputs")
+    poc.add_argument("-n", "--sites", dest="num_sites", type=int, default=2, help="number of sites (default 2)")
+    poc.add_argument("--threads", type=int, default=0, help="PyTorch threads per site (default: cores / sites)")
+    poc.add_argument("--set", **overrides)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Run a deployment command; returns the exit code."""
+    if args.command != "server":  # gRPC's own log lines (a failed handshake) are for the server's log only
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from fedstream.deploy.kit import load_kit
+
+    command = args.command
+    if command == "provision":
+        from fedstream.deploy.provision import load_project, provision
+
+        created = provision(load_project(args.project), args.output)
+        console.print(f"created {len(created)} kit(s) in {args.output}: {', '.join(created) or 'none new'}")
+        return 0
+    if command == "csr":
+        from fedstream.deploy.provision import make_request
+
+        path = make_request(args.name, args.output)
+        console.print(f"send {path} to the federation's admin; the key stays in {args.output}")
+        return 0
+    if command == "sign":
+        from fedstream.deploy.provision import load_project, sign_request
+
+        folder = sign_request(args.request, args.output, args.role, load_project(args.project))
+        console.print(f"signed: send the files of {folder} back (the requester adds its key.pem)")
+        return 0
+    if command == "server":
+        from fedstream.deploy.server import FederationServer, ServerSettings
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setLevel(logging.INFO)
+        settings = ServerSettings(absent_after_s=args.absent_after)
+        kit = load_kit(args.kit, "server")
+        return FederationServer(
+            kit, Path(args.workspace), listen=args.listen, settings=settings, console=handler
+        ).serve()
+    if command == "client":
+        from fedstream.deploy.client import Client
+
+        return Client(load_kit(args.kit, "site"), Path(args.workspace), threads=args.threads).serve()
+    if command == "poc":
+        from fedstream.deploy.poc import run_poc
+
+        status = run_poc(
+            args.job, args.workspace, args.num_sites, args.overrides, _shower(console), threads=args.threads
+        )
+        return _ended(console, status)
+
+    from fedstream.deploy.admin import Admin
+
+    admin = Admin(load_kit(args.kit, "admin"))
+    try:
+        if command == "submit":
+            sites = [s.strip() for s in args.sites.split(",") if s.strip()] or None
+            job_id = admin.submit(args.job, args.overrides, sites)
+            console.print(f"submitted job {job_id}")
+            return _ended(console, admin.follow(job_id, _shower(console))) if args.follow else 0
+        if command == "sites":
+            _print_json(admin.sites())
+            return 0
+        if args.action == "list":
+            _print_json(admin.jobs())
+        elif not args.job_id:
+            raise SystemExit(f"fedstream jobs {args.action}: name the job id")
+        elif args.action == "status":
+            _print_json(admin.status(args.job_id))
+        else:
+            admin.abort(args.job_id)
+            console.print(f"job {args.job_id} is being aborted")
+        return 0
+    finally:
+        admin.close()
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _shower(console: Console) -> Any:
+    def show(status: dict[str, Any]) -> None:
+        rounds = f", round {status['round']}/{status['num_rounds']} done" if status["round"] else ""
+        console.print(f"job {status['id']}: {status['state']}{rounds}")
+
+    return show
+
+
+def _ended(console: Console, status: dict[str, Any]) -> int:
+    from fedstream.cli.progress import print_summary
+
+    if status["result"] is not None:
+        print_summary(console, status["result"])
+    return int(status["exit_code"]) if status["exit_code"] is not None else 1

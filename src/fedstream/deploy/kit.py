@@ -1,0 +1,123 @@
+"""A startup kit: one participant's certificate, private key, the CA certificate and ``kit.toml``.
+
+``kit.toml`` says who the kit belongs to and where the server is::
+
+    federation = "demo"
+    name = "site-1"
+    role = "site"
+    server = "fl.example.org:8443"
+
+    [overrides]                     # a site's own job values (sites only), applied like --set
+    "client.trainer.args.data.root" = "/data/cifar10"
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedstream.config.errors import from_validation_error
+from fedstream.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KIT_FILE = "kit.toml"
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+CA_FILE = "ca.pem"
+ROLES = ("server", "site", "admin")
+
+
+class KitConfig(BaseModel):
+    """The content of ``kit.toml``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    federation: str
+    name: str
+    role: str
+    server: str = Field(description="host:port of the server")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if value not in ROLES:
+            raise ValueError(f"expected one of {', '.join(ROLES)}, got {value!r}")
+        return value
+
+    @field_validator("server")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @property
+    def port(self) -> int:
+        return int(self.server.rpartition(":")[2])
+
+
+def write_kit_config(path: Path, config: KitConfig) -> None:
+    data = config.model_dump()
+    if not data["overrides"]:
+        del data["overrides"]
+    path.write_text(tomli_w.dumps(data))
+
+
+@dataclass(frozen=True)
+class Kit:
+    """A loaded kit: its config and the PEM bytes gRPC needs."""
+
+    folder: Path
+    config: KitConfig
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def load_kit(folder: str | os.PathLike[str], role: str) -> Kit:
+    """Load the kit in ``folder``, which must belong to a participant in ``role``."""
+    root = Path(folder)
+    file = str(root / KIT_FILE)
+    try:
+        data = tomllib.loads((root / KIT_FILE).read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no {KIT_FILE} here: not a startup kit (made by fedstream provision)", file=str(root)
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=file) from None
+    try:
+        config = KitConfig.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc).located(file=file) from None
+    if config.role != role:
+        raise ConfigError(f"this is the kit of {config.role} {config.name!r}; a {role}'s kit is needed", file=file)
+    if config.overrides and role != "site":
+        raise ConfigError("only a site's kit may override job values", file=file, key="overrides")
+    key_path = root / KEY_FILE
+    try:
+        mode = key_path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"the private key is readable by others (mode {stat.filemode(mode)}); run: chmod 600 {key_path}",
+                file=str(key_path),
+            )
+        return Kit(root, config, (root / CERT_FILE).read_bytes(), key_path.read_bytes(), (root / CA_FILE).read_bytes())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"the kit is incomplete: {exc.filename} is missing", file=str(root)) from None

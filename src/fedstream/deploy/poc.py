@@ -1,0 +1,109 @@
+"""``fedstream poc``: a real deployment on this machine, to try a job the way it will run across sites.
+
+It provisions a federation into the workspace (a CA, a server, ``site-1..N``, an admin), starts the server
+and one client per site as separate OS processes on 127.0.0.1 over mutual TLS, submits the job as the
+admin, follows it, and stops every process it started, also on Ctrl-C::
+
+    WS/kits/          the certificates (made anew for each run)
+    WS/server/        the server's workspace: jobs/<job id>/ holds result.json, models, logs, tracking
+    WS/site-N/        each client's workspace: jobs/<job id>/site-N/log.txt
+    WS/*.out          each process's own output
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from fedstream.deploy.admin import Admin
+from fedstream.deploy.kit import load_kit
+from fedstream.deploy.provision import Project, ServerSpec, provision
+from fedstream.errors import ConfigError
+
+ADMIN = "admin"
+LOCAL_HOSTS = ["localhost", "127.0.0.1"]
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def poc_project(num_sites: int, port: int) -> Project:
+    if num_sites < 1:
+        raise ConfigError(f"the number of sites must be at least 1, got {num_sites}", key="-n")
+    return Project(
+        name="poc",
+        server=ServerSpec(hosts=LOCAL_HOSTS, port=port),
+        sites=[f"site-{i}" for i in range(1, num_sites + 1)],
+        admins=[ADMIN],
+    )
+
+
+@contextlib.contextmanager
+def federation(workspace: Path, num_sites: int, *, threads: int = 0, absent_after_s: float = 30.0) -> Iterator[Admin]:
+    """Provision, start the server and the clients, and yield an admin connection; stop them all after."""
+    project = poc_project(num_sites, free_port())
+    workspace.mkdir(parents=True, exist_ok=True)
+    kits = workspace / "kits"
+    shutil.rmtree(kits, ignore_errors=True)
+    provision(project, kits)
+    python = [sys.executable, "-m", "fedstream"]
+    listen = f"127.0.0.1:{project.server.port}"
+    per_site = threads or max(1, (os.cpu_count() or 1) // num_sites)
+    commands = {"server": [*python, "server", "start", str(kits / "server"), "-w", str(workspace / "server")]}
+    commands["server"] += ["--listen", listen, "--absent-after", str(absent_after_s)]
+    for site in project.sites:
+        commands[site] = [*python, "client", "start", str(kits / site), "-w", str(workspace / site)]
+        commands[site] += ["--threads", str(per_site)]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, command in commands.items():
+            with open(workspace / f"{name}.out", "wb") as out:
+                processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
+        admin = Admin(load_kit(kits / ADMIN, "admin"))
+        try:
+            admin.wait_ready(60)
+            yield admin
+        finally:
+            admin.close()
+    finally:
+        _stop(processes)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Clients first, then the server: SIGTERM, then SIGKILL for any still running after 15 s."""
+    for process in processes[1:] + processes[:1]:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_poc(
+    job_dir: str | Path,
+    workspace: str | Path,
+    num_sites: int,
+    overrides: list[str],
+    show: Callable[[dict[str, Any]], None],
+    *,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Run ``job_dir`` on a local deployment of ``num_sites`` sites; returns the job's final status."""
+    sites = [f"site-{i}" for i in range(1, num_sites + 1)]
+    with federation(Path(workspace), num_sites, threads=threads) as admin:
+        job_id = admin.submit(job_dir, overrides, sites)
+        return admin.follow(job_id, show)

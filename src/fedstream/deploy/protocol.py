@@ -1,0 +1,139 @@
+"""The deployment protocol over gRPC: method names, chunking, credentials and how errors read.
+
+Every call carries bytes: :mod:`fedstream.wire` frames (tasks, results, event batches) or small JSON
+documents, never a pickle. Frames travel as a stream of chunks of at most :data:`CHUNK_BYTES`, so a model
+larger than gRPC's message limit moves, and the receiver refuses a frame over its limit as soon as it is
+exceeded. The peer's identity and role come from its verified certificate (:func:`peer`). The methods, their
+callers and their states are described in ``docs/deployment-protocol.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from fedstream.deploy.kit import Kit
+
+SERVICE = "fedstream.Federation"
+CHUNK_BYTES = 2 * 1024**2
+MESSAGE_LIMIT = CHUNK_BYTES + 64 * 1024  # a chunk and a little; gRPC's own limit per message
+INSTANCE = "fedstream-instance"  # metadata: the id of a site's process, new for each process
+OPTIONS = [
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),  # a server that is still starting is found at once
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 10_000),
+]
+SERVER_OPTIONS = [*OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+
+
+def method(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+def chunks(data: bytes) -> Iterator[bytes]:
+    """``data`` in pieces of at most :data:`CHUNK_BYTES` (one empty piece for empty data)."""
+    view = memoryview(data)
+    yield bytes(view[:CHUNK_BYTES])
+    for start in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
+        yield bytes(view[start : start + CHUNK_BYTES])
+
+
+class TooLarge(Exception):
+    """A frame grew past its limit."""
+
+
+def join_chunks(pieces: Iterable[bytes], limit: int) -> bytes:
+    """The frame made of ``pieces``; raises :class:`TooLarge` once it would exceed ``limit`` bytes."""
+    buffer = bytearray()
+    for piece in pieces:
+        buffer += piece
+        if len(buffer) > limit:
+            raise TooLarge(f"{len(buffer) / 2**20:.0f} MiB and more, over the limit of {limit / 2**20:.0f} MiB")
+    return bytes(buffer)
+
+
+def to_json(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def from_json(data: bytes) -> Any:
+    return json.loads(data) if data else {}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is calling: the common name and role of the certificate the TLS handshake verified."""
+
+    name: str
+    role: str
+
+
+_peers: dict[bytes, Peer] = {}
+
+
+def peer(context: grpc.ServicerContext) -> Peer:
+    """The caller's verified identity (gRPC checked the chain to the CA before the call got here)."""
+    pem = context.auth_context().get("x509_pem_cert", [b""])[0]
+    known = _peers.get(pem)
+    if known is None:
+        cert = x509.load_pem_x509_certificate(pem)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        roles = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        known = _peers[pem] = Peer(str(names[0].value) if names else "", str(roles[0].value) if roles else "")
+    return known
+
+
+def server_credentials(kit: Kit) -> grpc.ServerCredentials:
+    """TLS with the server's certificate; callers must present a certificate that chains to the CA."""
+    return grpc.ssl_server_credentials([(kit.key, kit.cert)], root_certificates=kit.ca, require_client_auth=True)
+
+
+def channel(kit: Kit, address: str | None = None) -> grpc.Channel:
+    """A mutual-TLS channel to the server named in ``kit`` (or to ``address``)."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=kit.ca, private_key=kit.key, certificate_chain=kit.cert
+    )
+    return grpc.secure_channel(address or kit.config.server, credentials, options=OPTIONS)
+
+
+def explain(error: grpc.RpcError, address: str) -> str:
+    """A connection error in words a user can act on."""
+    code = error.code() if isinstance(error, grpc.Call) else None
+    details = (error.details() if isinstance(error, grpc.Call) else str(error)) or ""
+    text = details.lower()
+    if code is grpc.StatusCode.UNAVAILABLE:
+        if "resolving" in text or "lookup" in text or "dns" in text:
+            return f"cannot resolve the server's host name in {address}: check kit.toml's server and your DNS"
+        if "connection refused" in text or ("connect" in text and "refused" in text):
+            return f"{address} refused the connection: is fedstream server running there, and the port open?"
+        if "certificate" in text and "expired" in text:
+            return "a certificate has expired: provision a new kit (or check this machine's clock)"
+        if "not yet valid" in text:
+            return "a certificate is not valid yet: this machine's clock is behind; fix the clock"
+        if "hostname" in text or "subject alternative" in text or "san" in text.split():
+            return (
+                f"the server's certificate is not for {address.rpartition(':')[0]}: use a host name it was issued for"
+            )
+        if "certificate" in text or "handshake" in text or "ssl" in text or "tls" in text:
+            return (
+                f"the TLS handshake with {address} failed: the server and this kit do not trust each other "
+                "(a kit from another federation, or a revoked or expired certificate)"
+            )
+        if "timeout" in text or "deadline" in text:
+            return f"{address} does not answer (a firewall, or the wrong port?)"
+        return f"cannot reach {address}: {details}"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{address} does not answer in time (a firewall, or the wrong port?)"
+    return details or str(code)

@@ -1,0 +1,411 @@
+"""``fedstream server start``: one long-running server that runs submitted jobs one at a time.
+
+It listens on one port (gRPC over mutual TLS): sites pull their work (``NextJob``, then ``Join``, ``Poll``,
+``Send``, ``Leave`` for the job in progress), admins manage jobs (``Submit``, ``Jobs``, ``Status``, ``Abort``,
+``Sites``). Each job runs in ``WS/jobs/<job id>/`` with the same layout and ``result.json`` as ``simulate``;
+its code is kept in ``WS/code/<job id>/``. The caller's name and role come from its verified certificate.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import tarfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import grpc
+
+from fedstream import __version__, logs
+from fedstream.config import load_job, load_job_data
+from fedstream.deploy import protocol
+from fedstream.deploy.kit import Kit
+from fedstream.deploy.server_link import PullLink, Refused, Rejoin
+from fedstream.deploy.site_link import JOB
+from fedstream.errors import ConfigError, FedstreamError, TransportError
+from fedstream.events import EventBus
+from fedstream.server.runtime import EXIT_INTERRUPTED, RunResult, ServerRuntime, build, new_job_id
+from fedstream.wire import decode, encode
+from fedstream.workflows.base import RoundCompleted
+from fedstream.workspace import Workspace, check_site_names
+
+log = logging.getLogger(__name__)
+
+MAX_JOB_BYTES = 64 * 1024**2
+ENDED = ("completed", "failed", "aborted")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server treats its sites and their messages."""
+
+    absent_after_s: float = 30.0
+    poll_s: float = 10.0
+    max_message_bytes: int = 4 * 1024**3
+    present_within_s: float = 30.0  # a site seen this recently counts as connected (fedstream sites)
+
+
+@dataclass
+class JobRecord:
+    """A submitted job and what became of it."""
+
+    id: str
+    name: str
+    submitter: str
+    sites: list[str]
+    config: dict[str, Any]
+    source: str
+    code: Path
+    archive: bytes
+    state: str = "queued"  # queued, running, completed, failed, aborted
+    submitted: float = field(default_factory=time.time)
+    round: int = 0
+    num_rounds: int = 0
+    aborted_by: str = ""
+    exit_code: int | None = None
+    result: dict[str, Any] | None = None
+    link: PullLink | None = None
+    runtime: ServerRuntime | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "submitter": self.submitter,
+            "sites": self.sites,
+            "submitted": self.submitted,
+            "round": self.round,
+            "num_rounds": self.num_rounds,
+            "exit_code": self.exit_code,
+            "result": self.result,
+        }
+
+
+def pack_job(folder: Path) -> bytes:
+    """The job folder as a gzipped tar (without caches), as admins submit it and sites receive it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if any(part in {"__pycache__", ".git"} or part.endswith(".pyc") for part in relative.parts):
+                continue
+            if path.is_file() and not path.is_symlink():
+                archive.add(path, arcname=str(relative), recursive=False)
+    return buffer.getvalue()
+
+
+def unpack_job(data: bytes, folder: Path) -> None:
+    """Extract a job archive into ``folder``; entries that would land outside it are refused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+            archive.extractall(folder, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ConfigError(f"the job archive is unusable: {exc}") from None
+
+
+class FederationServer:
+    """The server: the gRPC service, the job queue, and the job in progress.
+
+    Args:
+        kit: the server's startup kit.
+        workspace: where jobs run (``jobs/``) and their code is kept (``code/``).
+        listen: the address to listen on (``0.0.0.0:PORT`` by default, the kit's port).
+        settings: liveness and size limits.
+        console: where log records are shown besides the log files.
+    """
+
+    def __init__(
+        self,
+        kit: Kit,
+        workspace: Path,
+        *,
+        listen: str = "",
+        settings: ServerSettings | None = None,
+        console: logging.Handler | None = None,
+    ) -> None:
+        self.kit = kit
+        self.root = workspace
+        self.settings = settings or ServerSettings()
+        self.listen = listen or f"0.0.0.0:{kit.config.port}"
+        self._console = console
+        self._cond = threading.Condition()
+        self._jobs: dict[str, JobRecord] = {}
+        self._queue: deque[JobRecord] = deque()
+        self._seen: dict[str, tuple[float, str]] = {}  # site -> (last call, its fedstream version)
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=protocol.SERVER_OPTIONS)
+        handlers = {
+            "NextJob": grpc.unary_stream_rpc_method_handler(self._site(self._next_job)),
+            "Join": grpc.unary_unary_rpc_method_handler(self._site(self._join)),
+            "Poll": grpc.unary_stream_rpc_method_handler(self._site(self._poll)),
+            "Send": grpc.stream_unary_rpc_method_handler(self._site(self._receive)),
+            "Leave": grpc.unary_unary_rpc_method_handler(self._site(self._leave)),
+            "Submit": grpc.stream_unary_rpc_method_handler(self._admin(self._submit)),
+            "Jobs": grpc.unary_unary_rpc_method_handler(self._admin(self._list)),
+            "Status": grpc.unary_unary_rpc_method_handler(self._admin(self._status)),
+            "Abort": grpc.unary_unary_rpc_method_handler(self._admin(self._abort)),
+            "Sites": grpc.unary_unary_rpc_method_handler(self._admin(self._sites)),
+        }
+        self._grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(protocol.SERVICE, handlers),))
+        try:
+            self.port = self._grpc.add_secure_port(self.listen, protocol.server_credentials(kit))
+        except RuntimeError as exc:
+            raise TransportError(f"cannot listen on {self.listen}: {exc} (is the port in use?)") from None
+
+    # -- running ------------------------------------------------------------------------------------------------
+    def serve(self) -> int:
+        """Run queued jobs until interrupted (Ctrl-C or SIGTERM); returns the exit code."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        logs.setup_server(self.root, self._console)
+        self._grpc.start()
+        log.info("fedstream %s server %s listening on %s", __version__, self.kit.name, self.listen)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            while True:
+                record = self._next_queued()
+                if record is not None and self._run(record).exit_code == EXIT_INTERRUPTED:
+                    break
+        except KeyboardInterrupt:
+            log.info("interrupted; stopping")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self._grpc.stop(grace=2).wait()
+        return EXIT_INTERRUPTED
+
+    def _next_queued(self) -> JobRecord | None:
+        with self._cond:
+            if not self._queue:
+                self._cond.wait(1.0)
+            return self._queue.popleft() if self._queue else None
+
+    def _run(self, record: JobRecord) -> RunResult:
+        job = load_job_data(record.code, record.config, [], source=record.source)
+        components = build(job, record.sites)
+        workspace = Workspace.prepare(self.root / "jobs" / record.id, record.sites)
+        (workspace.server / "job.toml").write_text(job.to_toml())
+        logs.setup_server(workspace.root, self._console)
+        bus = EventBus()
+
+        def progress(event: RoundCompleted) -> None:
+            record.round = event.summary.round
+
+        bus.subscribe(RoundCompleted, progress)
+        details = {"submitter": record.submitter, "server": self.kit.name}
+        runtime = ServerRuntime(
+            job, components, workspace, record.sites, job_id=record.id, bus=bus, details=lambda: details
+        )
+        link = PullLink(record.sites, absent_after_s=self.settings.absent_after_s)
+        with self._cond:
+            record.state, record.link, record.runtime = "running", link, runtime
+            record.num_rounds = int(record.config["server"]["workflow"]["args"].get("num_rounds", 0))
+            self._cond.notify_all()
+        log.info("job %s (%s) from %s starts on %s", record.name, record.id, record.submitter, ", ".join(record.sites))
+        result = runtime.run(link)
+        with self._cond:
+            record.state = "aborted" if record.aborted_by else str(result.data["status"])
+            record.exit_code, record.result, record.runtime = result.exit_code, result.data, None
+            self._cond.notify_all()
+        logs.setup_server(self.root, self._console)
+        log.info("job %s (%s) %s", record.name, record.id, record.state)
+        return result
+
+    # -- the sites' calls ------------------------------------------------------------------------------------------
+    def _site(self, handler: Callable[..., Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            who = protocol.peer(context)
+            if who.role != "site":
+                _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"{who.name} is a {who.role}, not a site")
+            with self._cond:
+                version = self._seen.get(who.name, (0.0, ""))[1]
+                self._seen[who.name] = (time.time(), version)
+            try:
+                return handler(who.name, request, context)
+            except Rejoin as exc:
+                _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            except Refused as exc:
+                _refuse(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+
+        return call
+
+    def _job_for(self, site: str, context: grpc.ServicerContext) -> tuple[PullLink, str]:
+        metadata = dict(context.invocation_metadata())
+        job_id, instance = str(metadata.get(JOB, "")), str(metadata.get(protocol.INSTANCE, ""))
+        with self._cond:
+            record = self._jobs.get(job_id)
+            link = record.link if record is not None and record.state == "running" else None
+        if link is None or record is None:
+            _refuse(context, grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not running on this server")
+        if site not in record.sites:
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"{site} is not one of job {job_id}'s sites")
+        return link, instance
+
+    def _next_job(self, site: str, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The job in progress if ``site`` takes part in it and has not finished it; nothing after ``poll_s``."""
+        asked = protocol.from_json(request)
+        with self._cond:
+            self._seen[site] = (time.time(), str(asked.get("version", "")))
+            deadline = time.monotonic() + self.settings.poll_s
+            while (record := self._open_job(site)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not context.is_active():
+                    return
+                self._cond.wait(min(remaining, 1.0))
+        header = {
+            "job_id": record.id,
+            "name": record.name,
+            "sites": record.sites,
+            "config": record.config,
+            "source": Path(record.source).name,
+        }
+        yield protocol.to_json(header)
+        yield from protocol.chunks(record.archive)
+
+    def _open_job(self, site: str) -> JobRecord | None:
+        for record in self._jobs.values():
+            link = record.link
+            if record.state == "running" and link is not None and site in record.sites and not link.finished(site):
+                return record
+        return None
+
+    def _join(self, site: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        link, instance = self._job_for(site, context)
+        link.join(site, instance)
+        return b""
+
+    def _poll(self, site: str, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        link, instance = self._job_for(site, context)
+        asked = protocol.from_json(request)
+        wait_s = min(float(asked.get("wait_s", self.settings.poll_s)), 60.0)
+        message = link.poll(site, instance, str(asked.get("have", "")), wait_s)
+        if message is not None:
+            yield from protocol.chunks(encode(message))
+
+    def _receive(self, site: str, request: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        link, instance = self._job_for(site, context)
+        try:
+            frame = protocol.join_chunks(request, self.settings.max_message_bytes)
+            message = decode(frame, max_bytes=self.settings.max_message_bytes)
+        except protocol.TooLarge as exc:
+            log.error("%s sent a message of %s; refused", site, exc)
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{site}: the message is {exc}")
+        except TransportError as exc:
+            log.error("%s sent a malformed message: %s", site, exc)
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{site}: malformed message: {exc}")
+        try:
+            ack = link.receive(site, instance, message)
+        except Refused as exc:
+            log.error("refused: %s", exc)
+            raise
+        return encode(ack) if ack is not None else b""
+
+    def _leave(self, site: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        link, instance = self._job_for(site, context)
+        link.leave(site, instance)
+        with self._cond:
+            self._cond.notify_all()
+        return b""
+
+    # -- the admins' calls -------------------------------------------------------------------------------------
+    def _admin(self, handler: Callable[..., Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            who = protocol.peer(context)
+            if who.role != "admin":
+                log.error("%s (a %s) tried to manage jobs; refused", who.name, who.role)
+                _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"{who.name} is a {who.role}, not an admin")
+            return handler(who.name, request, context)
+
+        return call
+
+    def _submit(self, admin: str, request: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        header = protocol.from_json(next(request, b""))
+        try:
+            archive = protocol.join_chunks(request, MAX_JOB_BYTES)
+        except protocol.TooLarge as exc:
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"the job folder is {exc}; keep data out of it")
+        job_id = new_job_id()
+        code = self.root / "code" / job_id
+        try:
+            unpack_job(archive, code)
+            job = load_job(code, [str(item) for item in header.get("overrides", [])])
+            sites = self._job_sites(header.get("sites"))
+            build(job, sites)
+        except FedstreamError as exc:
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace(str(code.resolve()), "<JOB>"))
+        record = JobRecord(job_id, job.name, admin, sites, job.to_dict(), job.source, code.resolve(), archive)
+        with self._cond:
+            self._jobs[job_id] = record
+            self._queue.append(record)
+            self._cond.notify_all()
+        log.info("%s submitted job %s (%s) for %s", admin, job.name, job_id, ", ".join(sites))
+        return protocol.to_json({"job_id": job_id})
+
+    def _job_sites(self, asked: Any) -> list[str]:
+        if asked:
+            try:
+                return check_site_names(list(asked))
+            except ValueError as exc:
+                raise ConfigError(str(exc), key="--sites") from None
+        now = time.time()
+        with self._cond:
+            sites = sorted(s for s, (seen, _) in self._seen.items() if now - seen < self.settings.present_within_s)
+        if not sites:
+            raise ConfigError("no site is connected; start fedstream client on the sites, or name them with --sites")
+        return sites
+
+    def _list(self, admin: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._cond:
+            jobs = [{k: v for k, v in r.status().items() if k != "result"} for r in self._jobs.values()]
+        return protocol.to_json(jobs)
+
+    def _record(self, request: bytes, context: grpc.ServicerContext) -> JobRecord:
+        job_id = str(protocol.from_json(request).get("job_id", ""))
+        record = self._jobs.get(job_id)
+        if record is None:
+            _refuse(context, grpc.StatusCode.NOT_FOUND, f"no job {job_id!r} on this server")
+        return record
+
+    def _status(self, admin: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._cond:
+            return protocol.to_json(self._record(request, context).status())
+
+    def _abort(self, admin: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._cond:
+            record = self._record(request, context)
+            if record.state in ENDED:
+                _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, f"job {record.id} already {record.state}")
+            if record.state == "queued":
+                self._queue.remove(record)
+                record.state = "aborted"
+            record.aborted_by = admin
+            runtime = record.runtime
+        log.warning("%s aborted job %s", admin, record.id)
+        if runtime is not None:
+            runtime.abort(f"aborted by {admin}")
+        return b""
+
+    def _sites(self, admin: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        now = time.time()
+        with self._cond:
+            sites = [
+                {"site": site, "version": version, "last_seen_s": round(now - seen, 1)}
+                for site, (seen, version) in sorted(self._seen.items())
+            ]
+        return protocol.to_json(sites)
+
+
+def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: grpc's abort raises")
+
+
+def _interrupt(number: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

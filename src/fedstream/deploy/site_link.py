@@ -1,0 +1,179 @@
+"""A deployed site's end of a job: a :class:`~fedstream.link.SiteLink` that pulls its tasks over gRPC.
+
+The site joins the job as a new *instance* (one per process), then polls: each poll waits up to
+``poll_s`` for a task or the job's end, and tells the server which task the site already has, so that a task
+whose delivery was lost comes again and one already received does not. Results are sent until the server
+has them, through any number of reconnects (the server ignores a result it already has); event batches are
+sent once per call, and the site's outbox resends them until acknowledged. When the server no longer knows
+the instance (it marked the site absent, or restarted), the site joins again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import threading
+from collections.abc import Sequence
+
+import grpc
+
+from fedstream.deploy import protocol
+from fedstream.deploy.kit import Kit
+from fedstream.errors import TransportError
+from fedstream.link import SiteEndpoint
+from fedstream.messages import EventAck, EventBatch, Result, Shutdown, Task
+from fedstream.wire import decode, encode
+
+log = logging.getLogger(__name__)
+
+JOB = "fedstream-job"  # metadata: the job a call is about
+
+
+class Backoff:
+    """Jittered exponential waits between attempts, from ``first_s`` up to ``max_s``."""
+
+    def __init__(self, first_s: float = 0.5, max_s: float = 30.0) -> None:
+        self.first_s, self.max_s, self.next_s = first_s, max_s, first_s
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Wait the next interval; ``True`` if ``stop`` was set meanwhile."""
+        delay = self.next_s * random.uniform(0.5, 1.0)
+        self.next_s = min(self.max_s, self.next_s * 2)
+        return stop.wait(delay)
+
+    def reset(self) -> None:
+        self.next_s = self.first_s
+
+
+class GrpcSiteLink:
+    """A site's connection to one job on the server; ``max_frame_bytes`` bounds what it accepts."""
+
+    def __init__(self, kit: Kit, job_id: str, *, poll_s: float = 10.0, max_frame_bytes: int = 4 * 1024**3) -> None:
+        self._kit = kit
+        self._channel = protocol.channel(kit)
+        self._metadata = ((JOB, job_id), (protocol.INSTANCE, secrets.token_hex(6)))
+        self._poll_s = poll_s
+        self._max_frame_bytes = max_frame_bytes
+        self._have = ""  # the id of the task this site received last
+        self._stop = threading.Event()
+        self._join_lock = threading.Lock()
+        self._endpoint: SiteEndpoint | None = None
+        self._join = self._channel.unary_unary(protocol.method("Join"))
+        self._poll = self._channel.unary_stream(protocol.method("Poll"))
+        self._send = self._channel.stream_unary(protocol.method("Send"))
+        self._leave = self._channel.unary_unary(protocol.method("Leave"))
+
+    # -- SiteLink ---------------------------------------------------------------------------------------------
+    def start(self, endpoint: SiteEndpoint, sites: Sequence[str]) -> None:
+        if list(sites) != [self._kit.name]:
+            raise TransportError(f"this kit speaks for {self._kit.name} only, not {', '.join(sites)}")
+        self._endpoint = endpoint
+        self._rejoin()
+        threading.Thread(target=self._polling, name="poll", daemon=True).start()
+
+    def send_result(self, result: Result) -> None:
+        """Send ``result`` until the server has it (or the job is over)."""
+        self._deliver(encode(result), retry=True)
+
+    def send_events(self, batch: EventBatch) -> None:
+        """One attempt; the outbox resends a batch that is not acknowledged."""
+        answer = self._deliver(encode(batch), retry=False)
+        if answer and self._endpoint is not None:
+            ack = decode(answer)
+            if isinstance(ack, EventAck):
+                self._endpoint.events_acknowledged(ack)
+
+    def close(self) -> None:
+        """Tell the server this site is done (its events are delivered), and release the connection."""
+        self._stop.set()
+        try:
+            self._leave(b"", metadata=self._metadata, timeout=10)
+        except grpc.RpcError as exc:
+            log.warning("could not say goodbye to the server: %s", protocol.explain(exc, self._kit.config.server))
+        self._channel.close()
+
+    # -- inside ------------------------------------------------------------------------------------------------
+    def _rejoin(self) -> None:
+        """Join the job (again); waits through connection problems."""
+        backoff = Backoff()
+        with self._join_lock:
+            while not self._stop.is_set():
+                try:
+                    self._join(b"", metadata=self._metadata, timeout=30)
+                    return
+                except grpc.RpcError as exc:
+                    if self._fatal(exc):
+                        return
+                    log.warning("cannot join the job: %s", protocol.explain(exc, self._kit.config.server))
+                    backoff.wait(self._stop)
+
+    def _polling(self) -> None:
+        assert self._endpoint is not None
+        backoff = Backoff()
+        while not self._stop.is_set():
+            request = protocol.to_json({"have": self._have, "wait_s": self._poll_s})
+            try:
+                stream = self._poll(request, metadata=self._metadata, timeout=self._poll_s + 30)
+                frame = protocol.join_chunks(stream, self._max_frame_bytes)
+            except grpc.RpcError as exc:
+                if self._fatal(exc):
+                    return
+                if self._rejoined(exc):
+                    continue
+                log.warning("lost the server: %s; retrying", protocol.explain(exc, self._kit.config.server))
+                backoff.wait(self._stop)
+                continue
+            except (protocol.TooLarge, TransportError) as exc:
+                log.error("the server sent a message this site refuses: %s", exc)
+                backoff.wait(self._stop)
+                continue
+            backoff.reset()
+            if not frame:
+                continue
+            message = decode(frame, max_bytes=self._max_frame_bytes)
+            if isinstance(message, Task):
+                self._have = message.id
+                self._endpoint.task_received(message)
+            elif isinstance(message, Shutdown):
+                self._endpoint.shutdown(message.reason)
+                return
+
+    def _deliver(self, frame: bytes, *, retry: bool) -> bytes:
+        backoff = Backoff()
+        timeout = 60 + len(frame) / 2**20  # a minute, and a second per MiB
+        while not self._stop.is_set():
+            try:
+                answer: bytes = self._send(protocol.chunks(frame), metadata=self._metadata, timeout=timeout)
+                return answer
+            except grpc.RpcError as exc:
+                if self._fatal(exc):
+                    return b""
+                if self._rejoined(exc):
+                    continue
+                if not retry:
+                    log.debug("events not sent: %s", protocol.explain(exc, self._kit.config.server))
+                    return b""
+                log.warning("cannot send a result: %s; retrying", protocol.explain(exc, self._kit.config.server))
+                backoff.wait(self._stop)
+        return b""
+
+    def _rejoined(self, exc: grpc.RpcError) -> bool:
+        """Handle an error that asks for a new join; ``True`` if the call may be retried now."""
+        if isinstance(exc, grpc.Call) and exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            log.warning("the server asks this site to join again: %s", exc.details())
+            self._rejoin()
+            return True
+        return False
+
+    def _fatal(self, exc: grpc.RpcError) -> bool:
+        """``True`` if the job is over or this site may not take part: the site host is told to stop."""
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT):
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            log.error("the server refused this site: %s", details)
+            if self._endpoint is not None and not self._stop.is_set():
+                self._endpoint.shutdown(details or "refused")
+            self._stop.set()
+            return True
+        return False

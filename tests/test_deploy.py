@@ -1,0 +1,158 @@
+"""A real deployment on 127.0.0.1: a server and clients as separate processes over mutual TLS, with real
+certificates. The same job runs unchanged and gives what the simulator gives; refusals are clear."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fedstream.deploy.admin import Admin
+from fedstream.deploy.kit import load_kit
+from fedstream.deploy.poc import federation, poc_project
+from fedstream.deploy.provision import provision
+from fedstream.errors import ConfigError, FedstreamError, TransportError
+from tests.helpers import REPO, hello_job, read_result, run_cli
+
+TINY = [
+    "--set",
+    "server.workflow.args.num_rounds=2",
+    "--set",
+    "client.trainer.args.data.max_train_samples=48",
+    "--set",
+    "client.trainer.args.data.max_val_samples=32",
+    "--set",
+    "client.trainer.args.batch_size=16",
+    "--set",
+    "client.trainer.args.epochs=1",
+]
+
+
+def _scalars(logdir: Path) -> dict[str, int]:
+    counts = {}
+    for folder in sorted(logdir.iterdir()):
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        counts[folder.name] = sum(len(events.Scalars(tag)) for tag in events.Tags()["scalars"])
+    return counts
+
+
+def _mlflow_counts(job_id: str) -> dict[str, int]:
+    """Metric values per run of the job (read back with MLflow's client), by run name."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("hello-pt-experiment")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    assert len(runs) == 3  # the server's run and one per site
+    counts = {}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        name = run.info.run_name if "mlflow.parentRunId" in run.data.tags else "parent"
+        counts[name] = sum(len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics)
+    return counts
+
+
+def _outcome(result: dict[str, Any]) -> tuple[Any, ...]:
+    weights = torch.load(result["models"]["global"])
+    tracking = {name: result["tracking"][name]["written"] for name in ("mlflow", "tensorboard")}
+    return (
+        weights,
+        tracking,
+        _scalars(Path(result["tracking"]["tensorboard"]["logdir"])),
+        _mlflow_counts(result["job_id"]),
+    )
+
+
+def test_poc_runs_the_job_unchanged_and_matches_simulate(tmp_path: Path, tiny_cifar: Path) -> None:
+    job = str(REPO / "jobs" / "hello-pt-mlflow")
+    data = ["--set", f"client.trainer.args.data.root={tiny_cifar}"]
+    simulated = run_cli("simulate", job, "-w", str(tmp_path / "sim"), "-n", "2", "-t", "2", *data, *TINY)
+    assert simulated.returncode == 0, simulated.stdout + simulated.stderr
+    deployed = run_cli("poc", job, "-w", str(tmp_path / "poc"), "-n", "2", "--threads", "1", *data, *TINY)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "completed" in deployed.stdout and "accuracy" in deployed.stdout
+    (workspace,) = (tmp_path / "poc" / "server" / "jobs").iterdir()
+    result = read_result(workspace)
+    assert result["status"] == "completed" and result["clients"] == ["site-1", "site-2"]
+    assert result["submitter"] == "admin"
+    sim_weights, *sim_counts = _outcome(read_result(tmp_path / "sim"))
+    poc_weights, *poc_counts = _outcome(result)
+    assert sim_weights.keys() == poc_weights.keys()
+    for name in sim_weights:
+        torch.testing.assert_close(poc_weights[name], sim_weights[name], rtol=0, atol=1e-6)
+    assert poc_counts == sim_counts
+    assert poc_counts[0]["mlflow"] > 0 and poc_counts[1]["site-1"] > 0
+    for site in ("site-1", "site-2"):  # the site's own log stays on the site
+        (site_log,) = (tmp_path / "poc" / site / "jobs").glob(f"*/{site}/log.txt")
+        assert "training" in site_log.read_text()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    workspace = tmp_path_factory.mktemp("deployment")
+    with federation(workspace, 2) as admin:
+        yield workspace, admin
+
+
+def test_a_site_certificate_cannot_manage_jobs(deployment: Any) -> None:
+    workspace, admin = deployment
+    impostor = Admin(load_kit(workspace / "kits" / "site-1", "site"))
+    with pytest.raises(FedstreamError, match="site-1 is a site, not an admin"):
+        impostor.jobs()
+    with pytest.raises(FedstreamError, match="not an admin"):
+        impostor.submit(REPO / "jobs" / "hello-pt", [])
+    assert admin.jobs() == []
+    impostor.close()
+
+
+def test_a_kit_of_another_federation_is_refused(deployment: Any, tmp_path: Path) -> None:
+    _, admin = deployment
+    provision(poc_project(1, 1), tmp_path / "other")
+    stranger = Admin(load_kit(tmp_path / "other" / "admin", "admin"), admin.address)
+    with pytest.raises(TransportError, match="do not trust each other"):
+        stranger.jobs()
+    stranger.close()
+
+
+def test_bad_jobs_are_refused_at_submission_with_local_names(deployment: Any, tmp_path: Path) -> None:
+    _, admin = deployment
+    job = hello_job(tmp_path / "job", tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        admin.submit(job, ["server.workflow.args.min_clients=5"], ["site-1", "site-2"])
+    assert str(caught.value).startswith(f"{job.resolve() / 'job.toml'} (--set): server.workflow.args.min_clients")
+    with pytest.raises(ConfigError, match="bad site name"):
+        admin.submit(job, [], ["../x"])
+    with pytest.raises(ConfigError, match="not a job folder"):
+        admin.submit(tmp_path, [])
+    with pytest.raises(FedstreamError, match="no job 'nope'"):
+        admin.abort("nope")
+    assert admin.jobs() == []
+
+
+def test_the_admin_sees_the_connected_sites(deployment: Any) -> None:
+    _, admin = deployment
+    sites = admin.sites()
+    assert [entry["site"] for entry in sites] == ["site-1", "site-2"]
+    assert all(entry["version"] for entry in sites)
+
+
+def test_connection_errors_say_what_to_do(deployment: Any) -> None:
+    workspace, _ = deployment
+    kit = load_kit(workspace / "kits" / "admin", "admin")
+    for address, words in [("localhost:1", "refused the connection"), ("nohost.invalid:1", "cannot resolve")]:
+        with pytest.raises(TransportError, match=words):
+            Admin(kit, address).jobs()
+
+
+def test_jobs_list_and_status_from_the_command_line(deployment: Any) -> None:
+    workspace, _ = deployment
+    done = run_cli("jobs", "list", "--kit", str(workspace / "kits" / "admin"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+    done = run_cli("jobs", "status", "missing", "--kit", str(workspace / "kits" / "admin"))
+    assert done.returncode == 1 and "no job 'missing'" in done.stderr
