@@ -146,3 +146,59 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -
 
 def read_result(workspace: Path) -> dict[str, Any]:
     return json.loads((workspace / "result.json").read_text())
+
+
+TURNS = """
+import os
+import time
+
+import torch
+
+from fedstream import Trainer, TrainOutput, ValidationOutput
+
+
+class Square(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, 2))
+
+
+class TurnTrainer(Trainer):
+    \"\"\"Every task takes ``seconds``; ``hang`` sites hang and ``crash`` sites kill their worker in round 1.\"\"\"
+
+    def __init__(self, *, seconds: float = 0.0, hang: list[str] = [], crash: list[str] = []) -> None:
+        self.seconds, self.hang, self.crash = seconds, hang, crash
+
+    def train(self, task):
+        if task.round == 1 and self.site.name in self.hang:
+            time.sleep(600)
+        if task.round == 1 and self.site.name in self.crash:
+            os.kill(os.getpid(), 9)
+        time.sleep(self.seconds)
+        return TrainOutput(num_samples=1)
+
+    def validate(self, task):
+        return ValidationOutput(num_samples=1, metrics={"accuracy": 1.0})
+"""
+
+
+def turns_job(tmp_path: Path, *, rounds: int = 1, workflow_args: str = "", trainer_args: str = "") -> Path:
+    return write_job(
+        tmp_path / "turns",
+        f"""
+        name = "turns"
+        [model]
+        path = "turns.Square"
+        [server.workflow]
+        path = "fedstream.workflows.FedAvg"
+        [server.workflow.args]
+        num_rounds = {rounds}
+        min_clients = 2
+        {workflow_args}
+        [client.trainer]
+        path = "turns.TurnTrainer"
+        [client.trainer.args]
+        {trainer_args}
+        """,
+        {"turns.py": TURNS},
+    )

@@ -17,7 +17,7 @@ from fedstream.deploy.kit import load_kit
 from fedstream.deploy.poc import federation, poc_project
 from fedstream.deploy.provision import provision
 from fedstream.errors import ConfigError, FedstreamError, TransportError
-from tests.helpers import REPO, hello_job, read_result, run_cli
+from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job
 
 TINY = [
     "--set",
@@ -156,3 +156,36 @@ def test_jobs_list_and_status_from_the_command_line(deployment: Any) -> None:
     assert json.loads(done.stdout) == []
     done = run_cli("jobs", "status", "missing", "--kit", str(workspace / "kits" / "admin"))
     assert done.returncode == 1 and "no job 'missing'" in done.stderr
+
+
+def test_a_crashing_site_process_never_takes_its_client_down(deployment: Any, tmp_path: Path) -> None:
+    # site-2's trainer kills its own process (SIGKILL) in round 1: the client starts a new one, the server
+    # fails the task the old one was running, and site-2 trains again in round 2.
+    _, admin = deployment
+    job = turns_job(tmp_path, rounds=2, trainer_args='crash = ["site-2"]')
+    job_id = admin.submit(job, ["server.workflow.args.min_clients=1"], ["site-1", "site-2"])
+    status = admin.follow(job_id, lambda status: None)
+    assert status["state"] == "completed", status
+    first, second = status["result"]["rounds"]
+    assert first["clients"] == ["site-1"]
+    assert first["failed"] == [
+        {"site": "site-2", "phase": "train", "reason": "the site's client restarted while running it"}
+    ]
+    assert second["clients"] == ["site-1", "site-2"]
+    assert status["result"]["tracking"]["events"]["duplicates"] == {}
+
+
+def test_an_abort_ends_a_running_job(deployment: Any, tmp_path: Path) -> None:
+    _, admin = deployment
+    job = turns_job(tmp_path, rounds=50, trainer_args="seconds = 0.2")
+    job_id = admin.submit(job, [], ["site-1", "site-2"])
+    aborted: list[int] = []
+
+    def abort_after_round_one(status: dict[str, Any]) -> None:
+        if status["round"] >= 1 and not aborted:
+            aborted.append(status["round"])
+            admin.abort(job_id)
+
+    status = admin.follow(job_id, abort_after_round_one)
+    assert status["state"] == "aborted" and status["result"]["error"] == "aborted by admin"
+    assert 1 <= len(status["result"]["rounds"]) < 50

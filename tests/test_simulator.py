@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedstream.examples.hello_pt import SimpleNetwork
-from tests.helpers import hello_job, read_result, run_cli, start_cli, wait_for, write_job
+from tests.helpers import hello_job, read_result, run_cli, start_cli, turns_job, wait_for, write_job
 
 KNOWN = """
 import os
@@ -241,62 +241,6 @@ def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     assert result["status"] == "failed" and "interrupted" in result["error"]
     for pid in workers:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"orphan {pid}"
-
-
-TURNS = """
-import os
-import time
-
-import torch
-
-from fedstream import Trainer, TrainOutput, ValidationOutput
-
-
-class Square(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(2, 2))
-
-
-class TurnTrainer(Trainer):
-    \"\"\"Every task takes ``seconds``; ``hang`` sites hang and ``crash`` sites kill their worker in round 1.\"\"\"
-
-    def __init__(self, *, seconds: float = 0.0, hang: list[str] = [], crash: list[str] = []) -> None:
-        self.seconds, self.hang, self.crash = seconds, hang, crash
-
-    def train(self, task):
-        if task.round == 1 and self.site.name in self.hang:
-            time.sleep(600)
-        if task.round == 1 and self.site.name in self.crash:
-            os.kill(os.getpid(), 9)
-        time.sleep(self.seconds)
-        return TrainOutput(num_samples=1)
-
-    def validate(self, task):
-        return ValidationOutput(num_samples=1, metrics={"accuracy": 1.0})
-"""
-
-
-def turns_job(tmp_path: Path, *, rounds: int = 1, workflow_args: str = "", trainer_args: str = "") -> Path:
-    return write_job(
-        tmp_path / "turns",
-        f"""
-        name = "turns"
-        [model]
-        path = "turns.Square"
-        [server.workflow]
-        path = "fedstream.workflows.FedAvg"
-        [server.workflow.args]
-        num_rounds = {rounds}
-        min_clients = 2
-        {workflow_args}
-        [client.trainer]
-        path = "turns.TurnTrainer"
-        [client.trainer.args]
-        {trainer_args}
-        """,
-        {"turns.py": TURNS},
-    )
 
 
 def test_sites_waiting_for_their_turn_are_not_late(tmp_path: Path) -> None:

@@ -1,9 +1,13 @@
-"""What every child process fedstream starts does first: die with its parent, leave Ctrl-C to it."""
+"""Process set-up: what every child process fedstream starts does first (die with its parent, leave Ctrl-C
+to it), and SIGTERM taken as Ctrl-C by the long-running commands."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
 
 
 def detach_from_terminal_signals() -> None:
@@ -15,3 +19,18 @@ def detach_from_terminal_signals() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM stops this process the way Ctrl-C does (a ``KeyboardInterrupt``), so that its
+    clean-up runs (long-running commands: the deployed server, poc)."""
+
+    def interrupt(number: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -22,12 +22,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fedstream.children import sigterm_as_interrupt
 from fedstream.deploy.admin import Admin
 from fedstream.deploy.kit import load_kit
 from fedstream.deploy.provision import Project, ServerSpec, provision
 from fedstream.errors import ConfigError
 
 ADMIN = "admin"
+MARKER = ".fedstream-poc"
 LOCAL_HOSTS = ["localhost", "127.0.0.1"]
 
 
@@ -53,7 +55,7 @@ def poc_project(num_sites: int, port: int) -> Project:
 def federation(workspace: Path, num_sites: int, *, threads: int = 0, absent_after_s: float = 30.0) -> Iterator[Admin]:
     """Provision, start the server and the clients, and yield an admin connection; stop them all after."""
     project = poc_project(num_sites, free_port())
-    workspace.mkdir(parents=True, exist_ok=True)
+    _claim(workspace)
     kits = workspace / "kits"
     shutil.rmtree(kits, ignore_errors=True)
     provision(project, kits)
@@ -66,7 +68,9 @@ def federation(workspace: Path, num_sites: int, *, threads: int = 0, absent_afte
         commands[site] = [*python, "client", "start", str(kits / site), "-w", str(workspace / site)]
         commands[site] += ["--threads", str(per_site)]
     processes: list[subprocess.Popen[bytes]] = []
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(sigterm_as_interrupt())  # SIGTERM stops the processes too, like Ctrl-C
+        cleanup.callback(_stop, processes)
         for name, command in commands.items():
             with open(workspace / f"{name}.out", "wb") as out:
                 processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
@@ -76,8 +80,17 @@ def federation(workspace: Path, num_sites: int, *, threads: int = 0, absent_afte
             yield admin
         finally:
             admin.close()
-    finally:
-        _stop(processes)
+
+
+def _claim(workspace: Path) -> None:
+    """Use ``workspace`` if it is new, empty, or made by poc before (its kits are made anew)."""
+    marker = workspace / MARKER
+    if workspace.exists() and not marker.exists() and any(workspace.iterdir()):
+        raise ConfigError(
+            f"{workspace} is not empty and was not made by fedstream poc; use a new or empty folder", key="-w"
+        )
+    workspace.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
 def _stop(processes: list[subprocess.Popen[bytes]]) -> None:

@@ -35,7 +35,11 @@ OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
-SERVER_OPTIONS = [*OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+SERVER_OPTIONS = [
+    *OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),  # a second server on the same port is an error, not a silent load balancer
+]
 
 
 def method(name: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import signal
 import tarfile
 import threading
 import time
@@ -19,12 +18,12 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn
 
 import grpc
 
 from fedstream import __version__, logs
+from fedstream.children import sigterm_as_interrupt
 from fedstream.config import load_job, load_job_data
 from fedstream.deploy import protocol
 from fedstream.deploy.kit import Kit
@@ -158,8 +157,10 @@ class FederationServer:
         self._grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(protocol.SERVICE, handlers),))
         try:
             self.port = self._grpc.add_secure_port(self.listen, protocol.server_credentials(kit))
-        except RuntimeError as exc:
-            raise TransportError(f"cannot listen on {self.listen}: {exc} (is the port in use?)") from None
+        except RuntimeError:
+            raise TransportError(
+                f"cannot listen on {self.listen}: is the port in use, or the address not this machine's?"
+            ) from None
 
     # -- running ------------------------------------------------------------------------------------------------
     def serve(self) -> int:
@@ -168,16 +169,15 @@ class FederationServer:
         logs.setup_server(self.root, self._console)
         self._grpc.start()
         log.info("fedstream %s server %s listening on %s", __version__, self.kit.name, self.listen)
-        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            while True:
-                record = self._next_queued()
-                if record is not None and self._run(record).exit_code == EXIT_INTERRUPTED:
-                    break
+            with sigterm_as_interrupt():
+                while True:
+                    record = self._next_queued()
+                    if record is not None and self._run(record).exit_code == EXIT_INTERRUPTED:
+                        break
         except KeyboardInterrupt:
             log.info("interrupted; stopping")
         finally:
-            signal.signal(signal.SIGTERM, previous)
             self._grpc.stop(grace=2).wait()
         return EXIT_INTERRUPTED
 
@@ -405,7 +405,3 @@ class FederationServer:
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     context.abort(code, message)
     raise AssertionError("unreachable: grpc's abort raises")
-
-
-def _interrupt(number: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
