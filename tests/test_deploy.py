@@ -7,15 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fedstream.deploy import protocol
 from fedstream.deploy.admin import Admin
 from fedstream.deploy.kit import load_kit
 from fedstream.deploy.poc import federation, poc_project
 from fedstream.deploy.provision import provision
+from fedstream.deploy.server import pack_job
+from fedstream.deploy.signing import sign_job
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job
 
@@ -31,6 +35,12 @@ TINY = [
     "--set",
     "client.trainer.args.epochs=1",
 ]
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
 
 
 def _scalars(logdir: Path) -> dict[str, int]:
@@ -189,3 +199,34 @@ def test_an_abort_ends_a_running_job(deployment: Any, tmp_path: Path) -> None:
     status = admin.follow(job_id, abort_after_round_one)
     assert status["state"] == "aborted" and status["result"]["error"] == "aborted by admin"
     assert 1 <= len(status["result"]["rounds"]) < 50
+
+
+def test_a_job_changed_after_signing_is_refused(deployment: Any, tmp_path: Path) -> None:
+    workspace, _ = deployment
+    kit = load_kit(workspace / "kits" / "admin", "admin")
+    job = hello_job(tmp_path / "job", tmp_path)
+    signed = sign_job(kit.key, kit.cert, pack_job(job), [])
+    (job / "extra.py").write_text("import os\n")
+    header = {"folder": "job", "overrides": [], "sites": ["site-1"], **vars(signed)}
+    channel = protocol.channel(kit)
+    submit = channel.stream_unary(protocol.method("Submit"))
+    with pytest.raises(grpc.RpcError) as caught:
+        submit(iter([protocol.to_json(header), *protocol.chunks(pack_job(job))]), timeout=60)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "modified after admin signed it" in caught.value.details()  # type: ignore[attr-defined]
+    channel.close()
+
+
+def test_sites_refuse_custom_code_or_bad_own_settings_and_say_so(tmp_path: Path) -> None:
+    def adjust(kits: Path) -> None:
+        edit(kits / "site-1" / "kit.toml", "overrides = []", 'overrides = ["client.trainer.args.seconds=\\"soon\\""]')
+        edit(kits / "site-2" / "kit.toml", "allow_custom_code = true", "allow_custom_code = false")
+
+    with federation(tmp_path / "ws", 2, adjust=adjust) as admin:
+        job_id = admin.submit(turns_job(tmp_path), ["server.workflow.args.min_clients=1"], ["site-1", "site-2"])
+        status = admin.follow(job_id, lambda status: None)
+    assert status["state"] == "failed"
+    error = status["result"]["error"]
+    assert "site-2: the site declined the job: this site runs only components installed on it" in error
+    assert "turns.py" in error
+    assert "site-1/kit.toml: overrides: client.trainer.args.seconds: Input should be a valid number" in error

@@ -142,9 +142,9 @@ def test_kit_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="server: expected host:port"):
         load_kit(kits / "server", "server")
     (kits / "server" / "kit.toml").write_text(
-        'federation = "d"\nname = "server"\nrole = "server"\nserver = "h:1"\n[overrides]\na = 1\n'
+        'federation = "d"\nname = "server"\nrole = "server"\nserver = "h:1"\noverrides = ["a=1"]\n'
     )
-    with pytest.raises(ConfigError, match="only a site's kit may override"):
+    with pytest.raises(ConfigError, match="only a site's kit may set overrides"):
         load_kit(kits / "server", "server")
 
 

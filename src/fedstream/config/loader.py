@@ -117,22 +117,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
     """Apply ``--set`` overrides to ``data`` in place; returns the dotted keys they set."""
-    return apply_values(data, dict((".".join(parts), value) for parts, value in map(parse_override, overrides)))
-
-
-def apply_values(data: dict[str, Any], values: dict[str, Any], *, file: str = "--set") -> set[str]:
-    """Set each dotted key of ``values`` in ``data``, creating tables on the way; returns the keys set."""
-    for key, value in values.items():
-        parts = key.split(".")
+    keys = set()
+    for text in overrides:
+        parts, value = parse_override(text)
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
-                raise ConfigError(f"{where!r} is a {type(child).__name__}, not a table", file=file, key=key)
+                raise ConfigError(
+                    f"{where!r} is a {type(child).__name__}, not a table", file="--set", key=".".join(parts)
+                )
             node = child
         node[parts[-1]] = value
-    return set(values)
+        keys.add(".".join(parts))
+    return keys
 
 
 # What each component must be, by import path (resolved on use, so this package imports nothing above it).

@@ -16,6 +16,7 @@ from fedstream.config.loader import JOB_FILE
 from fedstream.deploy import protocol
 from fedstream.deploy.kit import Kit
 from fedstream.deploy.server import ENDED, MAX_JOB_BYTES, pack_job
+from fedstream.deploy.signing import sign_job
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 
 
@@ -49,7 +50,16 @@ class Admin:
                 "keep data sets and checkpoints out of it",
                 file=str(folder),
             )
-        header = protocol.to_json({"overrides": overrides, "sites": sites or []})
+        signed = sign_job(self.kit.key, self.kit.cert, archive, overrides)
+        header = protocol.to_json(
+            {
+                "folder": folder.resolve().name,
+                "overrides": overrides,
+                "sites": sites or [],
+                "signature": signed.signature,
+                "certificate": signed.certificate,
+            }
+        )
         call = self._channel.stream_unary(protocol.method("Submit"))
         try:
             answer = call(iter([header, *protocol.chunks(archive)]), timeout=120)

@@ -11,12 +11,13 @@ the site's log in ``<site>/log.txt``.
 
 from __future__ import annotations
 
-import copy
+import io
 import json
 import logging
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +27,13 @@ import grpc
 
 from fedstream import __version__, logs
 from fedstream.children import detach_from_terminal_signals
-from fedstream.config import load_job_data
-from fedstream.config.loader import apply_values
+from fedstream.config import load_job
+from fedstream.config.loader import parse_override
 from fedstream.deploy import protocol
 from fedstream.deploy.kit import KIT_FILE, Kit, load_kit
-from fedstream.deploy.server import unpack_job
-from fedstream.deploy.site_link import Backoff, GrpcSiteLink
+from fedstream.deploy.server import job_folder_name, unpack_job
+from fedstream.deploy.signing import JobRefused, Signature, verify_job
+from fedstream.deploy.site_link import JOB, Backoff, GrpcSiteLink
 from fedstream.errors import ConfigError
 from fedstream.site.executor import Executor, Unusable
 from fedstream.site.host import SiteHost
@@ -40,6 +42,12 @@ log = logging.getLogger(__name__)
 
 MAX_STARTS = 3
 HEADER = "job.json"
+
+
+def custom_code(archive: bytes) -> list[str]:
+    """The Python files a job archive brings with it."""
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as members:
+        return sorted(name for name in members.getnames() if name.endswith(".py"))
 
 
 class Client:
@@ -72,6 +80,7 @@ class Client:
         log.info("fedstream %s client %s connects to %s", __version__, self.kit.name, self.kit.config.server)
         channel = protocol.channel(self.kit)
         next_job = channel.unary_stream(protocol.method("NextJob"))
+        self._decline = channel.unary_unary(protocol.method("Decline"))
         backoff, problem = Backoff(), ""
         self._spare = self._child()
         try:
@@ -99,6 +108,27 @@ class Client:
                 self._spare.kill()
         return 130
 
+    def _accept(self, header: dict[str, Any], archive: bytes) -> None:
+        """Raise :class:`JobRefused` unless this site may run the job: signed by an admin of its federation,
+        and without code of its own where the kit allows only installed components."""
+        signature = Signature(str(header.get("signature", "")), str(header.get("certificate", "")))
+        verify_job(self.kit.ca, archive, list(header.get("overrides", [])), signature)
+        if not self.kit.config.allow_custom_code:
+            files = custom_code(archive)
+            if files:
+                raise JobRefused(
+                    f"this site runs only components installed on it (allow_custom_code = false in its kit.toml), "
+                    f"and the job brings its own code: {', '.join(files[:5])}"
+                )
+
+    def _declined(self, job_id: str, reason: str) -> None:
+        try:
+            request = protocol.to_json({"reason": reason})
+            self._decline(request, metadata=((JOB, job_id),), timeout=30)
+        except grpc.RpcError as exc:
+            log.warning("could not tell the server: %s", protocol.explain(exc, self.kit.config.server))
+            self._stop.wait(5)
+
     def _run(self, header: dict[str, Any], archive: bytes) -> None:
         job_id = str(header["job_id"])
         starts = self._starts[job_id] = self._starts.get(job_id, 0) + 1
@@ -108,7 +138,13 @@ class Client:
             self._stop.wait(10)
             return
         folder = self.root / "jobs" / job_id
-        code = folder / "code"
+        code = folder / "code" / job_folder_name(header.get("folder"))
+        try:
+            self._accept(header, archive)
+        except JobRefused as exc:
+            log.error("job %s (%s): refused: %s", header["name"], job_id, exc)
+            self._declined(job_id, str(exc))
+            return
         if not code.exists():
             unpack_job(archive, code)
         (folder / HEADER).write_text(json.dumps(header))
@@ -151,23 +187,26 @@ def site_main(kit_dir: str) -> None:
     site, sites = kit.name, list(header["sites"])
     logs.setup_worker(folder, [site], verbose=False)
     link = GrpcSiteLink(kit, str(header["job_id"]))
-    data = header["config"]
-    source = str(folder / "code" / str(header["source"]))
     job_id, indices = str(header["job_id"]), {s: i for i, s in enumerate(sites)}
+    code = folder / "code" / job_folder_name(header.get("folder"))
+    overrides = list(header["overrides"])
+    job = load_job(code, overrides)  # as the admin signed it and the server checked it
     executor: Callable[[], Executor] | None = None
-    job = load_job_data(folder / "code", copy.deepcopy(data), [], source=source)  # as the server checked it
     try:
-        apply_values(data, kit.config.overrides, file=str(kit.folder / KIT_FILE))
-        job = load_job_data(folder / "code", data, [], source=source)
+        job = load_job(code, overrides + kit.config.overrides)
     except ConfigError as exc:
-        if any(exc.key == key or exc.key.startswith(key + ".") for key in kit.config.overrides):
-            exc = ConfigError(exc.message, file=str(kit.folder / KIT_FILE), key=f"overrides.{exc.key}")
+        if any(exc.key == key or exc.key.startswith(key + ".") for key in _keys(kit.config.overrides)):
+            exc = ConfigError(exc.message, file=str(kit.folder / KIT_FILE), key=f"overrides: {exc.key}")
         log.error("%s cannot run this job: %s", site, exc)
         failure = exc
         executor = lambda: Unusable(failure)  # noqa: E731
     make = job_sites(job, job_id, indices, len(sites), folder, link.send_events, executor)
     SiteHost(link, [site], make).serve()
     logging.shutdown()
+
+
+def _keys(overrides: list[str]) -> list[str]:
+    return [".".join(parse_override(text)[0]) for text in overrides]
 
 
 if __name__ == "__main__":

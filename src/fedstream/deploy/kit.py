@@ -7,8 +7,9 @@
     role = "site"
     server = "fl.example.org:8443"
 
-    [overrides]                     # a site's own job values (sites only), applied like --set
-    "client.trainer.args.data.root" = "/data/cifar10"
+    # sites only: this site's own job values, applied after the job's, written like --set
+    overrides = ["client.trainer.args.data.root=/data/cifar10"]
+    allow_custom_code = true        # false: run only components installed here, never a job's own .py files
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedstream.config.errors import from_validation_error
+from fedstream.config.loader import parse_override
 from fedstream.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -46,7 +47,8 @@ class KitConfig(BaseModel):
     name: str
     role: str
     server: str = Field(description="host:port of the server")
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: list[str] = Field(default_factory=list)
+    allow_custom_code: bool = True
 
     @field_validator("role")
     @classmethod
@@ -54,6 +56,16 @@ class KitConfig(BaseModel):
         if value not in ROLES:
             raise ValueError(f"expected one of {', '.join(ROLES)}, got {value!r}")
         return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                parse_override(value)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+        return values
 
     @field_validator("server")
     @classmethod
@@ -70,8 +82,8 @@ class KitConfig(BaseModel):
 
 def write_kit_config(path: Path, config: KitConfig) -> None:
     data = config.model_dump()
-    if not data["overrides"]:
-        del data["overrides"]
+    if config.role != "site":
+        del data["overrides"], data["allow_custom_code"]
     path.write_text(tomli_w.dumps(data))
 
 
@@ -108,8 +120,8 @@ def load_kit(folder: str | os.PathLike[str], role: str) -> Kit:
         raise from_validation_error(exc).located(file=file) from None
     if config.role != role:
         raise ConfigError(f"this is the kit of {config.role} {config.name!r}; a {role}'s kit is needed", file=file)
-    if config.overrides and role != "site":
-        raise ConfigError("only a site's kit may override job values", file=file, key="overrides")
+    if role != "site" and ("overrides" in data or "allow_custom_code" in data):
+        raise ConfigError("only a site's kit may set overrides and allow_custom_code", file=file)
     key_path = root / KEY_FILE
     try:
         mode = key_path.stat().st_mode

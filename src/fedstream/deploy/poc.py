@@ -52,13 +52,23 @@ def poc_project(num_sites: int, port: int) -> Project:
 
 
 @contextlib.contextmanager
-def federation(workspace: Path, num_sites: int, *, threads: int = 0, absent_after_s: float = 30.0) -> Iterator[Admin]:
-    """Provision, start the server and the clients, and yield an admin connection; stop them all after."""
+def federation(
+    workspace: Path,
+    num_sites: int,
+    *,
+    threads: int = 0,
+    absent_after_s: float = 30.0,
+    adjust: Callable[[Path], None] | None = None,
+) -> Iterator[Admin]:
+    """Provision, start the server and the clients, and yield an admin connection; stop them all after.
+    ``adjust`` may change the kits (in the folder it is given) before anything starts."""
     project = poc_project(num_sites, free_port())
     _claim(workspace)
     kits = workspace / "kits"
     shutil.rmtree(kits, ignore_errors=True)
     provision(project, kits)
+    if adjust is not None:
+        adjust(kits)
     python = [sys.executable, "-m", "fedstream"]
     listen = f"127.0.0.1:{project.server.port}"
     per_site = threads or max(1, (os.cpu_count() or 1) // num_sites)

@@ -24,10 +24,11 @@ import grpc
 
 from fedstream import __version__, logs
 from fedstream.children import sigterm_as_interrupt
-from fedstream.config import load_job, load_job_data
+from fedstream.config import load_job
 from fedstream.deploy import protocol
 from fedstream.deploy.kit import Kit
 from fedstream.deploy.server_link import PullLink, Refused, Rejoin
+from fedstream.deploy.signing import JobRefused, Signature, verify_job
 from fedstream.deploy.site_link import JOB
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from fedstream.events import EventBus
@@ -60,9 +61,9 @@ class JobRecord:
     name: str
     submitter: str
     sites: list[str]
-    config: dict[str, Any]
-    source: str
-    code: Path
+    overrides: list[str]
+    signature: Signature
+    code: Path  # the job folder, named as on the admin's machine
     archive: bytes
     state: str = "queued"  # queued, running, completed, failed, aborted
     submitted: float = field(default_factory=time.time)
@@ -100,6 +101,15 @@ def pack_job(folder: Path) -> bytes:
             if path.is_file() and not path.is_symlink():
                 archive.add(path, arcname=str(relative), recursive=False)
     return buffer.getvalue()
+
+
+def job_folder_name(name: object) -> str:
+    """The job folder's own name (a job without ``name`` in job.toml is called after its folder), if safe."""
+    return (
+        name
+        if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        else "job"
+    )
 
 
 def unpack_job(data: bytes, folder: Path) -> None:
@@ -148,6 +158,7 @@ class FederationServer:
             "Poll": grpc.unary_stream_rpc_method_handler(self._site(self._poll)),
             "Send": grpc.stream_unary_rpc_method_handler(self._site(self._receive)),
             "Leave": grpc.unary_unary_rpc_method_handler(self._site(self._leave)),
+            "Decline": grpc.unary_unary_rpc_method_handler(self._site(self._decline)),
             "Submit": grpc.stream_unary_rpc_method_handler(self._admin(self._submit)),
             "Jobs": grpc.unary_unary_rpc_method_handler(self._admin(self._list)),
             "Status": grpc.unary_unary_rpc_method_handler(self._admin(self._status)),
@@ -188,7 +199,7 @@ class FederationServer:
             return self._queue.popleft() if self._queue else None
 
     def _run(self, record: JobRecord) -> RunResult:
-        job = load_job_data(record.code, record.config, [], source=record.source)
+        job = load_job(record.code, record.overrides)
         components = build(job, record.sites)
         workspace = Workspace.prepare(self.root / "jobs" / record.id, record.sites)
         (workspace.server / "job.toml").write_text(job.to_toml())
@@ -206,7 +217,7 @@ class FederationServer:
         link = PullLink(record.sites, absent_after_s=self.settings.absent_after_s)
         with self._cond:
             record.state, record.link, record.runtime = "running", link, runtime
-            record.num_rounds = int(record.config["server"]["workflow"]["args"].get("num_rounds", 0))
+            record.num_rounds = int(job.to_dict()["server"]["workflow"]["args"].get("num_rounds", 0))
             self._cond.notify_all()
         log.info("job %s (%s) from %s starts on %s", record.name, record.id, record.submitter, ", ".join(record.sites))
         result = runtime.run(link)
@@ -263,8 +274,10 @@ class FederationServer:
             "job_id": record.id,
             "name": record.name,
             "sites": record.sites,
-            "config": record.config,
-            "source": Path(record.source).name,
+            "folder": record.code.name,
+            "overrides": record.overrides,
+            "signature": record.signature.signature,
+            "certificate": record.signature.certificate,
         }
         yield protocol.to_json(header)
         yield from protocol.chunks(record.archive)
@@ -314,6 +327,14 @@ class FederationServer:
             self._cond.notify_all()
         return b""
 
+    def _decline(self, site: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """``site`` will not run the job (its signature or its code is not acceptable there)."""
+        link, _ = self._job_for(site, context)
+        reason = str(protocol.from_json(request).get("reason", ""))[:2000]
+        log.error("%s declined the job: %s", site, reason)
+        link.decline(site, reason)
+        return b""
+
     # -- the admins' calls -------------------------------------------------------------------------------------
     def _admin(self, handler: Callable[..., Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
@@ -332,15 +353,21 @@ class FederationServer:
         except protocol.TooLarge as exc:
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"the job folder is {exc}; keep data out of it")
         job_id = new_job_id()
-        code = self.root / "code" / job_id
+        code = (self.root / "code" / job_id / job_folder_name(header.get("folder"))).resolve()
+        overrides = [str(item) for item in header.get("overrides", [])]
+        signature = Signature(str(header.get("signature", "")), str(header.get("certificate", "")))
         try:
+            signer = verify_job(self.kit.ca, archive, overrides, signature)
+            if signer != admin:
+                raise JobRefused(f"the job was signed by {signer}, not by {admin} who submits it")
             unpack_job(archive, code)
-            job = load_job(code, [str(item) for item in header.get("overrides", [])])
+            job = load_job(code, overrides)
             sites = self._job_sites(header.get("sites"))
             build(job, sites)
         except FedstreamError as exc:
-            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace(str(code.resolve()), "<JOB>"))
-        record = JobRecord(job_id, job.name, admin, sites, job.to_dict(), job.source, code.resolve(), archive)
+            log.error("refused a job from %s: %s", admin, exc)
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace(str(code), "<JOB>"))
+        record = JobRecord(job_id, job.name, admin, sites, overrides, signature, code, archive)
         with self._cond:
             self._jobs[job_id] = record
             self._queue.append(record)

@@ -47,6 +47,7 @@ class _Slot:
     present: bool = False
     absent: bool = False  # marked absent: its tasks fail at once until it joins again
     left: bool = False  # said goodbye after the job's end
+    declined: str = ""  # why the site will not run this job
 
 
 class PullLink:
@@ -83,7 +84,9 @@ class PullLink:
                 slot.queue.append(task)
                 self._cond.notify_all()
                 return
-        self._fail(task, "the site is not connected")
+        self._fail(
+            task, f"the site declined the job: {slot.declined}" if slot.declined else "the site is not connected"
+        )
 
     def cancel(self, task_ids: set[str]) -> None:
         with self._cond:
@@ -124,7 +127,7 @@ class PullLink:
             if slot.instance and slot.instance != instance:
                 lost, slot.running = slot.running, None
             rejoined = slot.instance != instance or not slot.present
-            slot.instance, slot.present, slot.absent, slot.left = instance, True, False, False
+            slot.instance, slot.present, slot.absent, slot.left, slot.declined = instance, True, False, False, ""
             slot.seen = self._clock()
             self._cond.notify_all()
         if lost is not None:
@@ -187,6 +190,21 @@ class PullLink:
                 slot.left = True
                 self._cond.notify_all()
 
+    def decline(self, site: str, reason: str) -> None:
+        """``site`` will not take part: its tasks fail with ``reason``, now and later."""
+        with self._cond:
+            slot = self._slot(site)
+            tasks = ([slot.running] if slot.running else []) + list(slot.queue)
+            slot.running, slot.queue = None, deque()
+            slot.absent = slot.left = True
+            was_present, slot.present = slot.present, False
+            slot.declined = reason
+            self._cond.notify_all()
+        for task in tasks:
+            self._fail(task, f"the site declined the job: {reason}")
+        if was_present:
+            self._endpoint_().site_left(site, f"declined the job: {reason}")
+
     def finished(self, site: str) -> bool:
         """``site`` said goodbye: it has nothing more to do in this job."""
         with self._cond:
@@ -224,7 +242,7 @@ class PullLink:
         gone: list[tuple[_Slot, list[Task], str, bool]] = []
         with self._cond:
             for slot in self._slots.values():
-                if slot.absent or (slot.present and slot.left):
+                if slot.absent or slot.left:
                     continue
                 if slot.present and now - slot.seen > self._absent_after_s:
                     reason = f"silent for {now - slot.seen:.0f} s"
