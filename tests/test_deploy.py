@@ -22,6 +22,7 @@ from fedstream.deploy.server import pack_job
 from fedstream.deploy.signing import sign_job
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job
+from tests.tcp_proxy import TcpProxy
 
 TINY = [
     "--set",
@@ -230,3 +231,51 @@ def test_sites_refuse_custom_code_or_bad_own_settings_and_say_so(tmp_path: Path)
     assert "site-2: the site declined the job: this site runs only components installed on it" in error
     assert "turns.py" in error
     assert "site-1/kit.toml: overrides: client.trainer.args.seconds: Input should be a valid number" in error
+
+
+BIG = """
+import torch
+
+
+class Big(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2_500_000))  # 10 MB: five chunks each way
+"""
+
+
+def test_connections_cut_in_the_middle_of_model_transfers_cost_nothing(tmp_path: Path) -> None:
+    # The first five connections that carry more than 3 MB are cut there: tasks and results are in
+    # flight; each is sent again, and every result counts once.
+    proxy = TcpProxy(cut=lambda number, count: number <= 5 and count > 3 * 2**20)
+    job = turns_job(tmp_path)
+    (job / "big.py").write_text(BIG)
+    edit(job / "job.toml", '"turns.Square"', '"big.Big"')
+
+    def adjust(kits: Path) -> None:
+        port = load_kit(kits / "server", "server").config.port
+        proxy.upstream = f"127.0.0.1:{port}"
+        for site in ("site-1", "site-2"):
+            edit(kits / site / "kit.toml", f'server = "localhost:{port}"', f'server = "{proxy.address}"')
+
+    with federation(tmp_path / "ws", 2, adjust=adjust) as admin:
+        job_id = admin.submit(job, ["server.workflow.args.num_rounds=2"], ["site-1", "site-2"])
+        status = admin.follow(job_id, lambda status: None)
+    proxy.close()
+    assert proxy.cuts >= 3, "the test cut transfers"
+    assert status["state"] == "completed", status["result"]["error"]
+    for summary in status["result"]["rounds"]:
+        assert summary["clients"] == ["site-1", "site-2"] and summary["failed"] == []
+    assert status["result"]["membership"] == []
+
+
+def test_sites_reach_the_server_through_an_https_proxy(tmp_path: Path) -> None:
+    proxy = TcpProxy()  # a CONNECT proxy
+    environment = {"https_proxy": f"http://{proxy.address}", "no_proxy": ""}
+    with federation(tmp_path / "ws", 1, environment=environment) as admin:
+        job_id = admin.submit(turns_job(tmp_path), ["server.workflow.args.min_clients=1"], ["site-1"])
+        status = admin.follow(job_id, lambda status: None)
+        server = admin.address
+    proxy.close()
+    assert status["state"] == "completed", status["result"]["error"]
+    assert proxy.connect_targets and set(proxy.connect_targets) == {server}

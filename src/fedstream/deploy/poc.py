@@ -59,9 +59,11 @@ def federation(
     threads: int = 0,
     absent_after_s: float = 30.0,
     adjust: Callable[[Path], None] | None = None,
+    environment: dict[str, str] | None = None,
 ) -> Iterator[Admin]:
     """Provision, start the server and the clients, and yield an admin connection; stop them all after.
-    ``adjust`` may change the kits (in the folder it is given) before anything starts."""
+    ``adjust`` may change the kits (in the folder it is given) before anything starts; ``environment`` is
+    added to the clients' (``https_proxy``, say)."""
     project = poc_project(num_sites, free_port())
     _claim(workspace)
     kits = workspace / "kits"
@@ -82,8 +84,9 @@ def federation(
         cleanup.enter_context(sigterm_as_interrupt())  # SIGTERM stops the processes too, like Ctrl-C
         cleanup.callback(_stop, processes)
         for name, command in commands.items():
+            env = {**os.environ, **(environment or {})} if name != "server" else None
             with open(workspace / f"{name}.out", "wb") as out:
-                processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
+                processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env))
         admin = Admin(load_kit(kits / ADMIN, "admin"))
         try:
             admin.wait_ready(60)
