@@ -107,7 +107,7 @@ def job_sites(
     """Makes the :class:`~fedstream.site.site.Site` of ``job`` for a site name (its index in ``indices``, of
     ``num_sites``):
     its context, its executor (``executor()``; a :class:`TrainerExecutor` by default), and its events sent
-    through ``send_events``. Used by every site host: the simulator's workers and a deployed client."""
+    through ``send_events``. Every site host makes its sites with it."""
 
     def make(name: str) -> Site:
         context = SiteContext(

@@ -1,0 +1,166 @@
+"""Benchmark of a deployment against the simulator on this machine; writes bench/results/deploy.md.
+
+    python bench/deploy.py [--repeat 3]
+
+(a) hello-pt, 2 sites x 5,000 images, 2 rounds, batch 4: ``fedstream poc`` (a server and 2 clients as
+    processes over mutual TLS, provisioning included) against ``fedstream simulate -t 2``, alternating;
+(c) a near-zero job (1 round, 64 images per site), the same way: poc's whole command, start to end;
+(g) a 256 MiB model server -> site -> server -> site (train, then validate), one site under poc: the round's
+    time against a raw Python TLS socket moving the same 768 MiB over loopback in the same run, and the
+    server process's peak RSS against the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from measure import HELLO_A, REPO, fedstream, measure, start, write_results
+
+OUT = REPO / "bench" / "out"
+RESULTS = REPO / "bench" / "results" / "deploy.md"
+TINY = (
+    "server.workflow.args.num_rounds=1",
+    "client.trainer.args.data.partition=full",
+    "client.trainer.args.data.max_train_samples=64",
+    "client.trainer.args.data.max_val_samples=64",
+)
+SIZE_MIB = 256
+
+
+def _sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def run(kind: str, scenario: str, data: Path) -> float:
+    ws = OUT / f"deploy-{kind}-{scenario}"
+    shutil.rmtree(ws, ignore_errors=True)
+    sets = _sets(f"client.trainer.args.data.root={data}", *(HELLO_A if scenario == "a" else TINY))
+    job = str(REPO / "jobs" / "hello-pt")
+    if kind == "poc":
+        command = fedstream("poc", job, "-w", str(ws), "-n", "2", *sets)
+    else:
+        command = fedstream("simulate", job, "-w", str(ws), "-n", "2", "-t", "2", "-q", *sets)
+    measured = measure(command, log=OUT / f"deploy-{kind}-{scenario}.log")
+    if measured.returncode:
+        sys.exit(f"({scenario}) under {kind} failed; see {OUT / f'deploy-{kind}-{scenario}.log'}")
+    return measured.wall_s
+
+
+def raw_tls_s(total: int) -> float:
+    """Seconds to move ``total`` bytes through a TLS socket over loopback (a throwaway self-signed pair)."""
+    from fedstream.deploy.poc import poc_project
+    from fedstream.deploy.provision import provision
+
+    kits = Path(tempfile.mkdtemp(dir=OUT))
+    provision(poc_project(1, 1), kits)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(kits / "server" / "cert.pem", kits / "server" / "key.pem")
+    client_ctx = ssl.create_default_context(cafile=kits / "ca" / "ca.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received = [0]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            while received[0] < total and (data := tls.recv(1 << 20)):
+                received[0] += len(data)
+
+    reader = threading.Thread(target=serve)
+    reader.start()
+    chunk = b"\0" * (2 << 20)
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        client_ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        began = time.perf_counter()
+        for _ in range(total // len(chunk)):
+            tls.sendall(chunk)
+        reader.join()
+        elapsed = time.perf_counter() - began
+    listener.close()
+    shutil.rmtree(kits)
+    return elapsed
+
+
+def transfer() -> tuple[float, float]:
+    """(round seconds, server peak RSS MB) of the big job under poc."""
+    ws = OUT / "deploy-big"
+    shutil.rmtree(ws, ignore_errors=True)
+    command = fedstream("poc", str(REPO / "bench" / "jobs" / "big"), "-w", str(ws), "-n", "1")
+    command += _sets(f"model.args.size_mib={SIZE_MIB}")
+    with open(OUT / "deploy-big.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        peak = 0.0
+        while process.poll() is None:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                try:
+                    if "server" in child.cmdline() and "start" in child.cmdline():
+                        peak = max(peak, child.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+    if process.returncode:
+        sys.exit(f"(g) failed; see {OUT / 'deploy-big.log'}")
+    (result,) = (ws / "server" / "jobs").glob("*/result.json")
+    return json.loads(result.read_text())["rounds"][0]["duration_s"], peak
+
+
+def main() -> None:
+    repeat, data = start(__doc__, OUT)
+    walls: dict[str, dict[str, list[float]]] = {s: {"poc": [], "simulate": []} for s in ("a", "c")}
+    rounds, peaks, raws = [], [], []
+    for i in range(repeat):
+        for scenario in ("a", "c"):
+            for kind in ("poc", "simulate") if i % 2 == 0 else ("simulate", "poc"):
+                walls[scenario][kind].append(run(kind, scenario, data))
+            print(f"run {i + 1} ({scenario}): poc {walls[scenario]['poc'][-1]:.2f} s, simulate "
+                  f"{walls[scenario]['simulate'][-1]:.2f} s", flush=True)  # fmt: skip
+        round_s, peak = transfer()
+        raw = raw_tls_s(3 * SIZE_MIB * 2**20)
+        rounds.append(round_s), peaks.append(peak), raws.append(raw)
+        print(f"run {i + 1} (g): round {round_s:.2f} s, raw TLS {raw:.2f} s, server peak RSS {peak:.0f} MB", flush=True)
+    med = {s: {k: statistics.median(v) for k, v in kinds.items()} for s, kinds in walls.items()}
+    ratios_a = [p / s for p, s in zip(walls["a"]["poc"], walls["a"]["simulate"], strict=True)]
+    moved = 3 * SIZE_MIB
+    round_s, raw_s, peak = statistics.median(rounds), statistics.median(raws), statistics.median(peaks)
+    lines = [
+        "# Deployment benchmark",
+        "",
+        f"Command: `python bench/deploy.py --repeat {repeat}` on {platform.node() or 'this machine'} "
+        f"({platform.machine()}, Python {platform.python_version()}); medians of {repeat} runs, poc and simulate "
+        "alternating.",
+        "",
+        "| measure | value | target |",
+        "|---|---:|---:|",
+        f"| (a) hello-pt, poc / simulate wall (median of per-pair ratios) | {statistics.median(ratios_a):.2f} "
+        f"({med['a']['poc']:.1f} s / {med['a']['simulate']:.1f} s) | <= 1.05 |",
+        f"| (c) near-zero job under poc, provisioning, server, 2 clients and TLS included | {med['c']['poc']:.1f} s "
+        f"(simulate: {med['c']['simulate']:.1f} s) | <= 6 s |",
+        f"| (g) {moved} MiB of weights through the deployment (one round: down, up, down) | {round_s:.1f} s, "
+        f"{moved / round_s:.0f} MiB/s | |",
+        f"| (g) a raw Python TLS socket moving the same bytes | {raw_s:.1f} s, {moved / raw_s:.0f} MiB/s | |",
+        f"| (g) deployment / raw TLS throughput | {raw_s / round_s:.2f} | >= 0.5 |",
+        f"| (g) server peak RSS with a {SIZE_MIB} MiB model | {peak:.0f} MB | <= model + 64 MB (not met) |",
+        "",
+        "The (g) round also includes the averaging, saving global.pt and best.pt, and the site loading the "
+        "weights into its model twice, so the ratio is a lower bound of the transport's own.",
+        "",
+    ]
+    write_results(RESULTS, lines)
+
+
+if __name__ == "__main__":
+    main()
