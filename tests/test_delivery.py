@@ -171,3 +171,18 @@ def test_batches_stay_small_when_events_carry_long_texts() -> None:
     assert [event.data["n"] for event in seen] == list(range(12))
     assert link.sent >= 3, "a batch closes at about 4 MB, not at 1000 events"
     outbox.close(stall_timeout_s=5)
+
+
+def test_a_new_server_takes_a_sessions_events_from_where_they_stand() -> None:
+    # After a server restart, a site's first batch is its oldest unacknowledged one, numbered past 1.
+    bus = EventBus()
+    seen: list[Any] = []
+    bus.subscribe("fed.x", lambda event: seen.append(event.data["n"]))
+    inbox = Inbox(bus)
+    batch = EventBatch("site-1", "s1", 501, [WireEvent("fed.x", {"n": n}) for n in (501, 502)])
+    assert inbox.receive("site-1", batch) == 502
+    assert inbox.receive("site-1", batch) == 502  # a resend
+    assert seen == [501, 502]
+    fresh = EventBatch("site-1", "s2", 1, [WireEvent("fed.x", {"n": 1})])  # the site was set up again
+    assert inbox.receive("site-1", fresh) == 1
+    assert seen == [501, 502, 1]

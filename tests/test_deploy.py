@@ -4,6 +4,7 @@ certificates. The same job runs unchanged and gives what the simulator gives; re
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,8 @@ def test_poc_runs_the_job_unchanged_and_matches_simulate(tmp_path: Path, tiny_ci
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Any:
     workspace = tmp_path_factory.mktemp("deployment")
-    with federation(workspace, 2) as admin:
-        yield workspace, admin
+    with federation(workspace, 2) as local:
+        yield workspace, local.admin
 
 
 def test_a_site_certificate_cannot_manage_jobs(deployment: Any) -> None:
@@ -223,7 +224,8 @@ def test_sites_refuse_custom_code_or_bad_own_settings_and_say_so(tmp_path: Path)
         edit(kits / "site-1" / "kit.toml", "overrides = []", 'overrides = ["client.trainer.args.seconds=\\"soon\\""]')
         edit(kits / "site-2" / "kit.toml", "allow_custom_code = true", "allow_custom_code = false")
 
-    with federation(tmp_path / "ws", 2, adjust=adjust) as admin:
+    with federation(tmp_path / "ws", 2, adjust=adjust) as local:
+        admin = local.admin
         job_id = admin.submit(turns_job(tmp_path), ["server.workflow.args.min_clients=1"], ["site-1", "site-2"])
         status = admin.follow(job_id, lambda status: None)
     assert status["state"] == "failed"
@@ -258,7 +260,8 @@ def test_connections_cut_in_the_middle_of_model_transfers_cost_nothing(tmp_path:
         for site in ("site-1", "site-2"):
             edit(kits / site / "kit.toml", f'server = "localhost:{port}"', f'server = "{proxy.address}"')
 
-    with federation(tmp_path / "ws", 2, adjust=adjust) as admin:
+    with federation(tmp_path / "ws", 2, adjust=adjust) as local:
+        admin = local.admin
         job_id = admin.submit(job, ["server.workflow.args.num_rounds=2"], ["site-1", "site-2"])
         status = admin.follow(job_id, lambda status: None)
     proxy.close()
@@ -272,10 +275,43 @@ def test_connections_cut_in_the_middle_of_model_transfers_cost_nothing(tmp_path:
 def test_sites_reach_the_server_through_an_https_proxy(tmp_path: Path) -> None:
     proxy = TcpProxy()  # a CONNECT proxy
     environment = {"https_proxy": f"http://{proxy.address}", "no_proxy": ""}
-    with federation(tmp_path / "ws", 1, environment=environment) as admin:
+    with federation(tmp_path / "ws", 1, environment=environment) as local:
+        admin = local.admin
         job_id = admin.submit(turns_job(tmp_path), ["server.workflow.args.min_clients=1"], ["site-1"])
         status = admin.follow(job_id, lambda status: None)
         server = admin.address
     proxy.close()
     assert status["state"] == "completed", status["result"]["error"]
     assert proxy.connect_targets and set(proxy.connect_targets) == {server}
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_path: Path, how: signal.Signals) -> None:
+    job = turns_job(tmp_path, rounds=4, trainer_args="seconds = 0.5")
+    mlflow = ["server.receivers.mlflow.path=fedstream.tracking.MLflowReceiver"]
+    with federation(tmp_path / "ws", 2) as local:
+        job_id = local.admin.submit(job, mlflow, ["site-1", "site-2"])
+        restarted: list[int] = []
+
+        def restart_after_round_two(status: dict[str, Any]) -> None:
+            if status["round"] >= 2 and not restarted:
+                restarted.append(status["round"])
+                local.restart_server(how)
+
+        status = local.admin.follow(job_id, restart_after_round_two)
+    result = status["result"]
+    assert status["state"] == "completed", result["error"]
+    assert result["resumed_after_round"] >= 2
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3, 4]
+    assert all(r["clients"] == ["site-1", "site-2"] for r in result["rounds"][result["resumed_after_round"] :])
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("turns")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert parent.info.status == "FINISHED" and parent.info.run_id == result["tracking"]["mlflow"]["parent_run_id"]
+    steps = [m.step for m in client.get_metric_history(parent.info.run_id, "accuracy")]
+    if how == signal.SIGTERM:  # a clean stop writes everything first
+        assert steps == [1, 2, 3, 4]
+    else:  # what the killed server had not written yet is lost, never repeated
+        assert sorted(set(steps)) == steps and steps[-2:] == [3, 4]

@@ -185,3 +185,15 @@ def test_an_abort_stops_the_workflow_at_once(tmp_path: Path) -> None:
     finally:
         hold.set()
         link.close()
+
+
+def test_a_job_resumes_after_its_last_checkpoint(tmp_path: Path) -> None:
+    # Two rounds, then the "server restarts" with the same models folder and four rounds in all: rounds 3
+    # and 4 start from round 2's model, and the result is that of four uninterrupted rounds.
+    run(tmp_path / "a", num_rounds=2)
+    assert ModelStore(tmp_path / "a" / "models").last_round() == 2
+    rounds, models, _ = run(tmp_path / "a", num_rounds=4)
+    assert [r.round for r in rounds] == [3, 4]
+    _, straight, _ = run(tmp_path / "b", num_rounds=4)
+    assert np.array_equal(saved(models), saved(straight))
+    assert np.array_equal(saved(models, "best"), saved(straight, "best"))

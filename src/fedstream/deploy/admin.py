@@ -81,11 +81,25 @@ class Admin:
     def sites(self) -> list[dict[str, Any]]:
         return list(self._call("Sites", {}))
 
-    def follow(self, job_id: str, show: Callable[[dict[str, Any]], None], every_s: float = 0.5) -> dict[str, Any]:
-        """Call ``show`` with the job's status whenever it changes, until the job ends; returns the last one."""
+    def follow(
+        self, job_id: str, show: Callable[[dict[str, Any]], None], every_s: float = 0.25, patience_s: float = 300
+    ) -> dict[str, Any]:
+        """Call ``show`` with the job's status whenever it changes, until the job ends; returns the last one.
+        A server that cannot be reached (restarting) is asked again for up to ``patience_s`` seconds."""
         last: dict[str, Any] = {}
+        lost_since = 0.0
         while True:
-            status = self.status(job_id)
+            try:
+                status = self.status(job_id)
+            except TransportError as exc:
+                if not lost_since:
+                    lost_since = time.monotonic()
+                    show({"id": job_id, "round": 0, "num_rounds": 0, **last, "state": f"waiting for the server: {exc}"})
+                elif time.monotonic() - lost_since > patience_s:
+                    raise
+                time.sleep(1.0)
+                continue
+            lost_since = 0.0
             if (status["state"], status["round"]) != (last.get("state"), last.get("round")):
                 show(status)
             last = status

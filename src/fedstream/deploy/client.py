@@ -3,10 +3,10 @@
 The client connects out to the server (only outbound connections; ``https_proxy`` is honoured by gRPC),
 asks for work, and runs each job's site code in a child process, so that a crashing trainer never takes the
 client down: a child that dies is started again (the server fails the task it was running), at most
-``MAX_STARTS`` times per job. The next child is always started ahead (it imports PyTorch while the client
-waits for work), so a job starts on the site at once. It reconnects forever with jittered backoff and says,
-once per change, why it cannot connect. Each job's files go to ``WS/jobs/<job id>/``: its code in ``code/``,
-the site's log in ``<site>/log.txt``.
+``MAX_STARTS`` times per job. The next child is started ahead, while the client waits for work (it imports
+PyTorch then, not while a job trains), so a job starts on the site at once. It reconnects forever with
+jittered backoff and says, once per change, why it cannot connect. Each job's files go to
+``WS/jobs/<job id>/``: its code in ``code/``, the site's log in ``<site>/log.txt``.
 """
 
 from __future__ import annotations
@@ -156,7 +156,6 @@ class Client:
             process.stdin.close()
         except OSError:
             pass  # it died while waiting: its exit code says so below
-        self._spare = self._child()
         try:
             code_ = process.wait()
         except KeyboardInterrupt:
@@ -167,6 +166,7 @@ class Client:
             log.error("job %s: the site's process exited with code %d (see %s)", job_id, code_, folder / "log.txt")
         else:
             log.info("job %s: done", job_id)
+        self._spare = self._child()
 
 
 def site_main(kit_dir: str) -> None:

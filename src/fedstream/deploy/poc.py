@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +52,47 @@ def poc_project(num_sites: int, port: int) -> Project:
     )
 
 
+class LocalFederation:
+    """A server and its clients as processes on this machine, and an admin connection to the server."""
+
+    def __init__(self, workspace: Path, commands: dict[str, list[str]], environment: dict[str, str]) -> None:
+        self.workspace = workspace
+        self._commands = commands
+        self._environment = environment
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.admin = Admin(load_kit(workspace / "kits" / ADMIN, "admin"))
+        for name in commands:
+            self._start(name)
+
+    def _start(self, name: str) -> None:
+        env = {**os.environ, **self._environment} if name != "server" else None
+        with open(self.workspace / f"{name}.out", "ab") as out:
+            command = self._commands[name]
+            self.processes[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def restart_server(self, how: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the server with ``how`` (SIGKILL: no clean-up at all) and start it again, same kit and
+        workspace."""
+        server = self.processes["server"]
+        server.send_signal(how)
+        server.wait()
+        self._start("server")
+
+    def stop(self) -> None:
+        """Clients first, then the server: SIGTERM, then SIGKILL for any still running after 15 s."""
+        self.admin.close()
+        names = [name for name in self.processes if name != "server"] + ["server"]
+        for name in names:
+            if self.processes[name].poll() is None:
+                self.processes[name].terminate()
+        for name in names:
+            try:
+                self.processes[name].wait(15)
+            except subprocess.TimeoutExpired:
+                self.processes[name].kill()
+                self.processes[name].wait()
+
+
 @contextlib.contextmanager
 def federation(
     workspace: Path,
@@ -60,10 +102,10 @@ def federation(
     absent_after_s: float = 30.0,
     adjust: Callable[[Path], None] | None = None,
     environment: dict[str, str] | None = None,
-) -> Iterator[Admin]:
-    """Provision, start the server and the clients, and yield an admin connection; stop them all after.
-    ``adjust`` may change the kits (in the folder it is given) before anything starts; ``environment`` is
-    added to the clients' (``https_proxy``, say)."""
+) -> Iterator[LocalFederation]:
+    """Provision, start the server and the clients, and yield them once the server answers; stop them all
+    after. ``adjust`` may change the kits (in the folder it is given) before anything starts;
+    ``environment`` is added to the clients' (``https_proxy``, say)."""
     project = poc_project(num_sites, free_port())
     _claim(workspace)
     kits = workspace / "kits"
@@ -79,20 +121,13 @@ def federation(
     for site in project.sites:
         commands[site] = [*python, "client", "start", str(kits / site), "-w", str(workspace / site)]
         commands[site] += ["--threads", str(per_site)]
-    processes: list[subprocess.Popen[bytes]] = []
-    with contextlib.ExitStack() as cleanup:
-        cleanup.enter_context(sigterm_as_interrupt())  # SIGTERM stops the processes too, like Ctrl-C
-        cleanup.callback(_stop, processes)
-        for name, command in commands.items():
-            env = {**os.environ, **(environment or {})} if name != "server" else None
-            with open(workspace / f"{name}.out", "wb") as out:
-                processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env))
-        admin = Admin(load_kit(kits / ADMIN, "admin"))
+    with sigterm_as_interrupt():  # SIGTERM stops the processes too, like Ctrl-C
+        local = LocalFederation(workspace, commands, environment or {})
         try:
-            admin.wait_ready(60)
-            yield admin
+            local.admin.wait_ready(60)
+            yield local
         finally:
-            admin.close()
+            local.stop()
 
 
 def _claim(workspace: Path) -> None:
@@ -106,19 +141,6 @@ def _claim(workspace: Path) -> None:
     marker.touch()
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    """Clients first, then the server: SIGTERM, then SIGKILL for any still running after 15 s."""
-    for process in processes[1:] + processes[:1]:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def run_poc(
     job_dir: str | Path,
     workspace: str | Path,
@@ -130,6 +152,6 @@ def run_poc(
 ) -> dict[str, Any]:
     """Run ``job_dir`` on a local deployment of ``num_sites`` sites; returns the job's final status."""
     sites = [f"site-{i}" for i in range(1, num_sites + 1)]
-    with federation(Path(workspace), num_sites, threads=threads) as admin:
-        job_id = admin.submit(job_dir, overrides, sites)
-        return admin.follow(job_id, show)
+    with federation(Path(workspace), num_sites, threads=threads) as local:
+        job_id = local.admin.submit(job_dir, overrides, sites)
+        return local.admin.follow(job_id, show)

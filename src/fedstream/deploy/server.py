@@ -3,13 +3,19 @@
 It listens on one port (gRPC over mutual TLS): sites pull their work (``NextJob``, then ``Join``, ``Poll``,
 ``Send``, ``Leave`` for the job in progress), admins manage jobs (``Submit``, ``Jobs``, ``Status``, ``Abort``,
 ``Sites``). Each job runs in ``WS/jobs/<job id>/`` with the same layout and ``result.json`` as ``simulate``;
-its code is kept in ``WS/code/<job id>/``. The caller's name and role come from its verified certificate.
+its code, signature and state are kept in ``WS/code/<job id>/``. The caller's name and role come from its
+verified certificate.
+
+A server that stops in the middle of a job (killed, or stopped with Ctrl-C or SIGTERM) resumes it when it
+starts again: after the last completed round, with the same MLflow runs; queued jobs stay queued.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import tarfile
 import threading
 import time
@@ -32,6 +38,7 @@ from fedstream.deploy.signing import JobRefused, Signature, verify_job
 from fedstream.deploy.site_link import JOB
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from fedstream.events import EventBus
+from fedstream.server.models import ModelStore
 from fedstream.server.runtime import EXIT_INTERRUPTED, RunResult, ServerRuntime, build, new_job_id
 from fedstream.wire import decode, encode
 from fedstream.workflows.base import RoundCompleted
@@ -41,6 +48,8 @@ log = logging.getLogger(__name__)
 
 MAX_JOB_BYTES = 64 * 1024**2
 ENDED = ("completed", "failed", "aborted")
+RECORD = "job.json"
+ARCHIVE = "job.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class JobRecord:
     signature: Signature
     code: Path  # the job folder, named as on the admin's machine
     archive: bytes
-    state: str = "queued"  # queued, running, completed, failed, aborted
+    state: str = "queued"  # queued, running, interrupted (resumes at the next start), completed, failed, aborted
     submitted: float = field(default_factory=time.time)
     round: int = 0
     num_rounds: int = 0
@@ -74,6 +83,46 @@ class JobRecord:
     result: dict[str, Any] | None = None
     link: PullLink | None = None
     runtime: ServerRuntime | None = None
+
+    def save(self) -> None:
+        """Keep the record (and the archive, once) in its code folder, so that a restarted server knows it."""
+        folder = self.code.parent
+        archive = folder / ARCHIVE
+        if not archive.exists():
+            archive.write_bytes(self.archive)
+        data = {
+            "id": self.id,
+            "name": self.name,
+            "submitter": self.submitter,
+            "sites": self.sites,
+            "overrides": self.overrides,
+            "signature": self.signature.signature,
+            "certificate": self.signature.certificate,
+            "folder": self.code.name,
+            "submitted": self.submitted,
+            "state": self.state,
+            "exit_code": self.exit_code,
+        }
+        partial = folder / (RECORD + ".partial")
+        partial.write_text(json.dumps(data, indent=2))
+        os.replace(partial, folder / RECORD)
+
+    @staticmethod
+    def load(folder: Path) -> JobRecord:
+        data = json.loads((folder / RECORD).read_text())
+        signature = Signature(data["signature"], data["certificate"])
+        record = JobRecord(
+            data["id"],
+            data["name"],
+            data["submitter"],
+            data["sites"],
+            data["overrides"],
+            signature,
+            folder / data["folder"],
+            (folder / ARCHIVE).read_bytes(),
+        )
+        record.submitted, record.state, record.exit_code = data["submitted"], data["state"], data["exit_code"]
+        return record
 
     def status(self) -> dict[str, Any]:
         return {
@@ -178,6 +227,8 @@ class FederationServer:
         """Run queued jobs until interrupted (Ctrl-C or SIGTERM); returns the exit code."""
         self.root.mkdir(parents=True, exist_ok=True)
         logs.setup_server(self.root, self._console)
+        self._restore()
+        threading.Thread(target=_import_torch, name="import-torch", daemon=True).start()  # every job needs it
         self._grpc.start()
         log.info("fedstream %s server %s listening on %s", __version__, self.kit.name, self.listen)
         try:
@@ -189,8 +240,29 @@ class FederationServer:
         except KeyboardInterrupt:
             log.info("interrupted; stopping")
         finally:
-            self._grpc.stop(grace=2).wait()
+            self._grpc.stop(grace=0.5).wait()
         return EXIT_INTERRUPTED
+
+    def _restore(self) -> None:
+        """Know the jobs of earlier runs of the server: ended ones, queued ones, and the one to resume."""
+        for record_file in sorted((self.root / "code").glob(f"*/{RECORD}")):
+            try:
+                record = JobRecord.load(record_file.parent)
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("cannot read %s (%s); that job is forgotten", record_file, exc)
+                continue
+            result = self.root / "jobs" / record.id / "result.json"
+            if record.state in ENDED:
+                record.result = json.loads(result.read_text()) if result.is_file() else None
+            elif record.state != "queued":  # it was running when the server stopped
+                record.state = "queued"
+                log.warning(
+                    "job %s (%s) was interrupted by a restart of the server; it resumes", record.name, record.id
+                )
+                self._queue.appendleft(record)
+            else:
+                self._queue.append(record)
+            self._jobs[record.id] = record
 
     def _next_queued(self) -> JobRecord | None:
         with self._cond:
@@ -201,7 +273,11 @@ class FederationServer:
     def _run(self, record: JobRecord) -> RunResult:
         job = load_job(record.code, record.overrides)
         components = build(job, record.sites)
-        workspace = Workspace.prepare(self.root / "jobs" / record.id, record.sites)
+        folder = self.root / "jobs" / record.id
+        if ModelStore(Workspace(folder).models).last_round():  # resuming: keep its rounds and models
+            workspace = Workspace(folder)
+        else:
+            workspace = Workspace.prepare(folder, record.sites)
         (workspace.server / "job.toml").write_text(job.to_toml())
         logs.setup_server(workspace.root, self._console)
         bus = EventBus()
@@ -217,13 +293,20 @@ class FederationServer:
         link = PullLink(record.sites, absent_after_s=self.settings.absent_after_s)
         with self._cond:
             record.state, record.link, record.runtime = "running", link, runtime
+            record.save()
             record.num_rounds = int(job.to_dict()["server"]["workflow"]["args"].get("num_rounds", 0))
             self._cond.notify_all()
         log.info("job %s (%s) from %s starts on %s", record.name, record.id, record.submitter, ", ".join(record.sites))
         result = runtime.run(link)
         with self._cond:
-            record.state = "aborted" if record.aborted_by else str(result.data["status"])
+            if record.aborted_by:
+                record.state = "aborted"
+            elif result.exit_code == EXIT_INTERRUPTED:
+                record.state = "interrupted"  # the server stops; it resumes the job when it starts again
+            else:
+                record.state = str(result.data["status"])
             record.exit_code, record.result, record.runtime = result.exit_code, result.data, None
+            record.save()
             self._cond.notify_all()
         logs.setup_server(self.root, self._console)
         log.info("job %s (%s) %s", record.name, record.id, record.state)
@@ -253,6 +336,8 @@ class FederationServer:
         with self._cond:
             record = self._jobs.get(job_id)
             link = record.link if record is not None and record.state == "running" else None
+        if record is not None and record.state in ("queued", "interrupted"):  # about to start or resume
+            _refuse(context, grpc.StatusCode.UNAVAILABLE, f"job {job_id} has not started yet")
         if link is None or record is None:
             _refuse(context, grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not running on this server")
         if site not in record.sites:
@@ -298,9 +383,8 @@ class FederationServer:
         link, instance = self._job_for(site, context)
         asked = protocol.from_json(request)
         wait_s = min(float(asked.get("wait_s", self.settings.poll_s)), 60.0)
-        message = link.poll(site, instance, str(asked.get("have", "")), wait_s)
-        if message is not None:
-            yield from protocol.chunks(encode(message))
+        message = link.poll(site, instance, str(asked.get("have", "")), wait_s)  # here, so that refusals reach _site
+        return protocol.chunks(encode(message)) if message is not None else iter(())
 
     def _receive(self, site: str, request: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         link, instance = self._job_for(site, context)
@@ -368,6 +452,7 @@ class FederationServer:
             log.error("refused a job from %s: %s", admin, exc)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace(str(code), "<JOB>"))
         record = JobRecord(job_id, job.name, admin, sites, overrides, signature, code, archive)
+        record.save()
         with self._cond:
             self._jobs[job_id] = record
             self._queue.append(record)
@@ -412,6 +497,7 @@ class FederationServer:
             if record.state == "queued":
                 self._queue.remove(record)
                 record.state = "aborted"
+                record.save()
             record.aborted_by = admin
             runtime = record.runtime
         log.warning("%s aborted job %s", admin, record.id)
@@ -427,6 +513,10 @@ class FederationServer:
                 for site, (seen, version) in sorted(self._seen.items())
             ]
         return protocol.to_json(sites)
+
+
+def _import_torch() -> None:
+    import torch  # noqa: F401
 
 
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

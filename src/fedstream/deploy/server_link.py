@@ -69,6 +69,7 @@ class PullLink:
         self._endpoint: ServerEndpoint | None = None
         self._began = clock()
         self._closing = False
+        self._terminated = False
         self._stopped = threading.Event()
 
     # -- ServerLink -------------------------------------------------------------------------------------------
@@ -113,8 +114,10 @@ class PullLink:
         self._stopped.set()
 
     def terminate(self) -> None:
+        """Stop answering without ending the job for the sites: they wait for this server to come back (a
+        restarted server resumes the job)."""
         with self._cond:
-            self._closing = True
+            self._terminated = True
             self._cond.notify_all()
         self._stopped.set()
 
@@ -152,7 +155,7 @@ class PullLink:
                 if self._closing:
                     return Shutdown("job finished")
                 remaining = deadline - self._clock()
-                if remaining <= 0:
+                if remaining <= 0 or self._terminated:
                     return None
                 self._cond.wait(min(remaining, 1.0))
                 self._check(site, instance)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,7 @@ class Federation:
         self._joined: set[str] = set()
         self._routes: dict[str, tuple[Task, Dispatch]] = {}
         self._ids = itertools.count(1)
+        self._prefix = secrets.token_hex(3)  # task ids never repeat, also across restarts of the server
         self._aborted = ""
 
     def start(self, link: ServerLink) -> None:
@@ -137,7 +139,7 @@ class Federation:
             raise RuntimeError("Federation.dispatch before start()")
         tasks = {}
         for site, payload in payloads.items():
-            task = Task(f"t{next(self._ids)}", site, kind, round, num_rounds, payload)
+            task = Task(f"{self._prefix}-{next(self._ids)}", site, kind, round, num_rounds, payload)
             tasks[task.id] = task
         dispatch = Dispatch(tasks, timeout_s, self.bus, self._cancel)
         with self._lock:

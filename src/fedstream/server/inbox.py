@@ -2,8 +2,10 @@
 
 Each site numbers its events from 1 within a session. A batch may repeat events already handled (a resend
 after a lost acknowledgement): those are skipped. A batch that starts past the next expected number (a lost
-batch) is not handled; the acknowledgement tells the site where to resume. A batch from a new session of a
-site (set up again after its host restarted) starts the numbering anew.
+batch) is not handled; the acknowledgement tells the site where to resume. A new session of a site (set up
+again after its host restarted) is taken from the number its first batch starts at: 1 for a new site, more
+for one whose earlier events a previous server process acknowledged (a site sends one batch at a time, so
+its first batch to this server is its oldest unacknowledged one).
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ class Inbox:
     def receive(self, site: str, batch: EventBatch) -> int:
         """Fire the new events of ``batch`` as coming from ``site``; returns the last sequence number handled."""
         with self._locks[site]:
-            if self._sessions.setdefault(site, batch.session) != batch.session:
-                log.warning("%s was set up again: its events are numbered from 1 anew", site)
+            known = self._sessions.get(site)
+            if known != batch.session:
+                if known is not None:
+                    log.warning("%s was set up again: its events are numbered anew", site)
+                elif batch.first_seq > 1:
+                    log.info("%s continues its events from #%d", site, batch.first_seq)
                 self._sessions[site] = batch.session
-                self._handled[site] = 0
+                self._handled[site] = batch.first_seq - 1
             handled = self._handled[site]
             skip = handled + 1 - batch.first_seq
             if skip < 0:

@@ -1,17 +1,22 @@
 """Where the server keeps global models: PyTorch checkpoints that ``torch.load`` + ``load_state_dict`` read.
 
 PyTorch is imported when the first model is saved, so that a server which only aggregates (numpy) starts
-without it.
+without it. After each completed round the workflow records a checkpoint (the round, its own state and that
+round's global model); a server restarted in the middle of a job resumes after it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from fedstream.errors import JobFailed
 from fedstream.messages import Weights
+
+CHECKPOINT = "checkpoint"
 
 
 class ModelStore:
@@ -19,7 +24,36 @@ class ModelStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.paths: dict[str, Path] = {}
+        self.paths: dict[str, Path] = {path.stem: path for path in sorted(folder.glob("*.pt"))}
+
+    def checkpoint(self, round: int, state: dict[str, Any]) -> None:
+        """Record that ``round`` is complete, with the workflow's ``state`` (JSON values) and the ``global``
+        model saved last (kept as a hard link: no copy, and later saves of ``global`` do not change it)."""
+        folder = self.folder / CHECKPOINT
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "global.pt.partial"
+        partial.unlink(missing_ok=True)
+        os.link(self.paths["global"], partial)
+        os.replace(partial, folder / "global.pt")
+        partial = folder / "round.json.partial"
+        partial.write_text(json.dumps({"round": round, "state": state}))
+        os.replace(partial, folder / "round.json")
+
+    def last_round(self) -> int:
+        """The round of the last checkpoint; 0 if the job has none."""
+        record = self.folder / CHECKPOINT / "round.json"
+        return int(json.loads(record.read_text())["round"]) if record.is_file() else 0
+
+    def resume(self) -> tuple[int, dict[str, Any], Weights] | None:
+        """The last checkpoint: its round, the workflow's state and that round's global model; ``None`` if the
+        job has none (it starts from the beginning)."""
+        if not self.last_round():
+            return None
+        import torch
+
+        data = json.loads((self.folder / CHECKPOINT / "round.json").read_text())
+        saved = torch.load(self.folder / CHECKPOINT / "global.pt")
+        return int(data["round"]), dict(data["state"]), {key: value.numpy() for key, value in saved.items()}
 
     def save(self, name: str, weights: Weights) -> Path:
         """Write ``weights`` as model ``name``; a reader never sees a half-written file."""

@@ -9,7 +9,9 @@ ended and the receivers close their runs; a second interrupt only shortens the w
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import resource
 import secrets
 import signal
@@ -39,6 +41,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_TRACKING_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
+ROUNDS = "rounds.json"  # the completed rounds so far, for a job resumed after a server restart
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class ServerRuntime:
         self.job_id = job_id
         self.bus = bus or EventBus()
         self._details = details
-        self._rounds: list[RoundSummary] = []
+        self._rounds: list[dict[str, Any]] = []
         self._membership: list[dict[str, Any]] = []
         self._round = 0
         self._finishing = False
@@ -142,6 +145,10 @@ class ServerRuntime:
         self._subscribe()
         federation = self._federation = Federation(self.sites, self.bus)
         models = ModelStore(self.workspace.models)
+        resumed_after = models.last_round()
+        if resumed_after:  # the server restarted in the middle of this job: its earlier rounds count
+            rounds = json.loads((self.workspace.server / ROUNDS).read_text())
+            self._rounds = [entry for entry in rounds if entry["round"] <= resumed_after]
         hosts = {name: ReceiverHost(name, receiver) for name, receiver in self.components.receivers.items()}
         self._hosts = list(hosts.values())
         started: list[ReceiverHost] = []
@@ -218,6 +225,8 @@ class ServerRuntime:
                 if status == "completed":
                     exit_code = EXIT_TRACKING_INCOMPLETE
             data = self._result(status, error, models, tracking, began, startup_s)
+            if resumed_after:
+                data["resumed_after_round"] = resumed_after
             self.workspace.write_result(data)
         self.bus.fire(JobFinished(data))
         log.info("job %s %s in %.1f s", self.job.name, status, data["timing"]["total_s"])
@@ -240,7 +249,14 @@ class ServerRuntime:
                 self._membership.append({"round": self._round, "site": event.site, "rejoined": True})
 
         self.bus.subscribe(RoundStarted, round_started)
-        self.bus.subscribe(RoundCompleted, lambda event: self._rounds.append(event.summary))
+
+        def completed(event: RoundCompleted) -> None:
+            self._rounds.append(_round(event.summary))
+            partial = self.workspace.server / (ROUNDS + ".partial")
+            partial.write_text(json.dumps(self._rounds))
+            os.replace(partial, self.workspace.server / ROUNDS)
+
+        self.bus.subscribe(RoundCompleted, completed)
         self.bus.subscribe(SiteLeft, left)
         self.bus.subscribe(SiteJoined, joined)
 
@@ -286,7 +302,7 @@ class ServerRuntime:
             "error": error or None,
             "clients": self.sites,
             **(self._details() if self._details else {}),
-            "rounds": [_round(summary) for summary in self._rounds],
+            "rounds": self._rounds,
             "membership": self._membership,
             "models": {name: str(path) for name, path in models.paths.items()},
             "timing": {

@@ -255,20 +255,21 @@ class MLflowReceiver(Receiver):
         if note:
             tags["mlflow.note.content"] = note
         run_name = f"{self.run_name or job.name}-{job.id}"
-        parent = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        params = [Param(key, value) for key, value in _flatten(job.config).items()]
-        for start in range(0, len(params), MAX_PARAMS_OR_TAGS):
-            client.log_batch(parent, params=params[start : start + MAX_PARAMS_OR_TAGS])
+        self._job, self._experiment_id = job, experiment_id
+        self.details["child_run_ids"] = {}
+        parent = self._continue(client, experiment_id, job.id)
+        if not parent:
+            parent = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+            params = [Param(key, value) for key, value in _flatten(job.config).items()]
+            for start in range(0, len(params), MAX_PARAMS_OR_TAGS):
+                client.log_batch(parent, params=params[start : start + MAX_PARAMS_OR_TAGS])
         self._runs[PARENT] = _Run(run_name, parent)
-        self._experiment_id = experiment_id
-        self._job = job
         self.details.update(
             {
                 "experiment_name": name,
                 "experiment_id": experiment_id,
                 "parent_run_id": parent,
                 "parent_run_name": run_name,
-                "child_run_ids": {},
                 "view": _view(uri, experiment_id, parent),
             }
         )
@@ -391,6 +392,22 @@ class MLflowReceiver(Receiver):
             self._client.log_artifact(
                 run.run_id, str(local), artifact_path=str(Path(path).parent) if "/" in path else None
             )
+
+    def _continue(self, client: Any, experiment_id: str, job_id: str) -> str:
+        """The parent run of a job that resumes after a server restart (its runs go on, with their ids and
+        params); ``""`` for a new job."""
+        runs = client.search_runs([experiment_id], f"tags.`fedstream.job_id` = '{job_id}'", max_results=10_000)
+        parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+        if not parents:
+            return ""
+        for run in runs:
+            client.update_run(run.info.run_id, status="RUNNING")
+            if "mlflow.parentRunId" in run.data.tags:
+                site = run.data.tags.get("site", run.info.run_name)
+                self._runs[site] = _Run(site, run.info.run_id, logged_params=dict(run.data.params))
+                self.details["child_run_ids"][site] = run.info.run_id
+        log.info("MLflow: the job's runs continue after a restart of the server")
+        return str(parents[0].info.run_id)
 
     def _create_child(self, run: _Run) -> None:
         tags = {

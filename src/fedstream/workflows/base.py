@@ -62,5 +62,6 @@ class Workflow(ABC):
 
     @abstractmethod
     def run(self, federation: Federation, models: ModelStore, weights: Weights) -> None:
-        """Run the job from the initial ``weights``, saving global models in ``models``; raise
+        """Run the job from the initial ``weights``, saving global models in ``models`` and a checkpoint after
+        each round; a job whose ``models`` hold a checkpoint (its server restarted) resumes after it. Raise
         :class:`~fedstream.errors.JobFailed` when the job cannot finish."""

@@ -147,7 +147,13 @@ class FedAvg(Workflow):
 
     def run(self, federation: Federation, models: ModelStore, weights: Weights) -> None:
         best: float | None = None
-        for round in range(1, self.num_rounds + 1):
+        first = 1
+        resumed = models.resume()
+        if resumed is not None:
+            done, state, weights = resumed
+            first, best = done + 1, state.get("best")
+            log.info("resuming the job after round %d of %d", done, self.num_rounds)
+        for round in range(first, self.num_rounds + 1):
             weights, summary = self._round(federation, models, round, weights)
             self._check_metrics(summary)
             score = summary.metrics[self.key_metric]
@@ -155,6 +161,7 @@ class FedAvg(Workflow):
                 best = score
                 models.save("best", weights)
             federation.bus.fire(RoundCompleted(summary))
+            models.checkpoint(round, {"best": best})
             log.info(
                 "round %d/%d done in %.1f s: %s",
                 round,
