@@ -98,13 +98,14 @@ def end_to_end(ws: Path) -> dict[str, float]:
 
 NOTES = [
     "",
-    "Notes. On this shared 2-core host the wall time of identical 10-15 s runs varies by 10-20 %, more than the "
-    "effect measured, so the per-pair training-phase ratios above swing between runs (-1 % to +26 % for the "
-    "same code). The CPU columns show the work instead. Splitting the server's CPU by receiver (hello-pt-mlflow, "
-    "batch 32, 2 rounds, 6,276 records): no receiver 3.3 s, TensorBoard only 3.2 s, MLflow only 7.0 s, of which "
-    "3.2 s is MLflow's start-up (import and a new SQLite schema) and about 0.5 s the writes during training "
-    "(about 80 us per record, 2-3 % of the two cores). On the sites, the writer calls and the outbox cost under "
-    "0.1 s; the per-epoch `validation_accuracy` of hello-pt-mlflow (1,000 samples) about 0.6 s. In a real "
+    "Notes. On this shared 2-core host the wall time of identical 10-15 s runs varies by 10-20 %, and the "
+    "host's speed changes between sessions (compare the raw baseline of pages measured on different days). "
+    "The receivers run in processes of their own and open while the sites start training, so hello-pt-mlflow "
+    "starts as soon as hello-pt does; the price is that MLflow's start-up (its import and the migrations of a "
+    "new SQLite store, several seconds of CPU) runs inside round 1's training phase, on the cores the sites "
+    "train on. That start-up is most of the training-phase cost above; the whole-run line includes it either "
+    "way. Earlier, with the receivers in the server's process: batch 32 -1.1 % training phase, +38.7 % whole "
+    "run; batch 4 +26.3 % / +42.2 %. The workers' CPU column includes the receivers' processes. In a real "
     "deployment the server's share does not run on the sites' cores at all.",
     "",
 ]

@@ -180,4 +180,6 @@ def _ended(console: Console, status: dict[str, Any]) -> int:
 
     if status["result"] is not None:
         print_summary(console, status["result"])
+    elif status.get("error"):
+        console.print(f"job {status['id']} {status['state']}: {status['error']}", style="red", markup=False)
     return int(status["exit_code"]) if status["exit_code"] is not None else 1

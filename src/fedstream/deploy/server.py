@@ -79,6 +79,7 @@ class JobRecord:
     round: int = 0
     num_rounds: int = 0
     aborted_by: str = ""
+    error: str = ""  # why a job that never started failed
     exit_code: int | None = None
     result: dict[str, Any] | None = None
     link: PullLink | None = None
@@ -102,6 +103,7 @@ class JobRecord:
             "submitted": self.submitted,
             "state": self.state,
             "exit_code": self.exit_code,
+            "error": self.error,
         }
         partial = folder / (RECORD + ".partial")
         partial.write_text(json.dumps(data, indent=2))
@@ -122,6 +124,7 @@ class JobRecord:
             (folder / ARCHIVE).read_bytes(),
         )
         record.submitted, record.state, record.exit_code = data["submitted"], data["state"], data["exit_code"]
+        record.error = data.get("error", "")
         return record
 
     def status(self) -> dict[str, Any]:
@@ -135,6 +138,7 @@ class JobRecord:
             "round": self.round,
             "num_rounds": self.num_rounds,
             "exit_code": self.exit_code,
+            "error": self.error or None,
             "result": self.result,
         }
 
@@ -235,7 +239,7 @@ class FederationServer:
             with sigterm_as_interrupt():
                 while True:
                     record = self._next_queued()
-                    if record is not None and self._run(record).exit_code == EXIT_INTERRUPTED:
+                    if record is not None and self._start(record) == EXIT_INTERRUPTED:
                         break
         except KeyboardInterrupt:
             log.info("interrupted; stopping")
@@ -269,6 +273,20 @@ class FederationServer:
             if not self._queue:
                 self._cond.wait(1.0)
             return self._queue.popleft() if self._queue else None
+
+    def _start(self, record: JobRecord) -> int:
+        """Run ``record``'s job; a job that cannot even start fails with the reason, and the server goes on."""
+        try:
+            return self._run(record).exit_code
+        except (FedstreamError, OSError) as exc:
+            log.error("job %s (%s) cannot start: %s", record.name, record.id, exc)
+            with self._cond:
+                record.state, record.error, record.exit_code = "failed", f"cannot start: {exc}", 1
+                record.link = record.runtime = None
+                record.save()
+                self._cond.notify_all()
+            logs.setup_server(self.root, self._console)
+            return 1
 
     def _run(self, record: JobRecord) -> RunResult:
         job = load_job(record.code, record.overrides)
