@@ -175,8 +175,9 @@ def site_main(kit_dir: str) -> None:
     detach_from_terminal_signals()
     import torch
 
-    from fedstream.pt.executor import job_sites
+    from fedstream.pt.executor import job_sites, preload
 
+    preload()
     torch.set_num_threads(int(os.environ.get("FEDSTREAM_TORCH_THREADS", "1")))
     kit = load_kit(kit_dir, "site")
     folder_name = sys.stdin.readline().strip()

@@ -46,11 +46,12 @@ def start_method() -> str:
 def _prepare_to_fork() -> None:
     """Load what every worker would load on its own, and keep the garbage collector off inherited objects.
 
-    PyTorch imports ``torch._dynamo`` (about 1 s and 70 MB) on an optimizer's first use; imported once here,
-    every forked worker shares it. ``gc.freeze`` stops the workers' collections from touching (and so
-    copying) the pages of the objects they inherit.
+    Loaded once here (:func:`~fedstream.pt.executor.preload`), every forked worker shares it. ``gc.freeze``
+    stops the workers' collections from touching (and so copying) the pages of the objects they inherit.
     """
-    import torch._dynamo  # noqa: F401
+    from fedstream.pt.executor import preload
+
+    preload()
 
     if threading.active_count() > 1:  # a forked child would inherit locks those threads may hold
         names = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
