@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from measure import HELLO_A, REPO, Measurement, fedstream, measure, start, write_results
+from measure import HELLO_A, REPO, TINY, Measurement, fedstream, measure, start, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "core.md"
@@ -46,12 +46,6 @@ def hello(ws: Path, data: Path, clients: int, *sets: str) -> list[str]:
 
 
 def scenarios(data: Path) -> dict[str, list[str]]:
-    tiny = (
-        "server.workflow.args.num_rounds=1",
-        "client.trainer.args.data.partition=full",
-        "client.trainer.args.data.max_train_samples=64",
-        "client.trainer.args.data.max_val_samples=64",
-    )
     return {
         "b": [
             sys.executable,
@@ -69,8 +63,8 @@ def scenarios(data: Path) -> dict[str, list[str]]:
             "0.001",
         ],
         "a": hello(OUT / "ws-a", data, 2, *HELLO_A),
-        "c": hello(OUT / "ws-c", data, 2, *tiny),
-        "d": hello(OUT / "ws-d", data, 100, *tiny, "server.workflow.args.min_clients=2"),
+        "c": hello(OUT / "ws-c", data, 2, *TINY),
+        "d": hello(OUT / "ws-d", data, 100, *TINY, "server.workflow.args.min_clients=2"),
     }
 
 

@@ -26,16 +26,10 @@ import time
 from pathlib import Path
 
 import psutil
-from measure import HELLO_A, REPO, fedstream, measure, start, write_results
+from measure import HELLO_A, REPO, TINY, fedstream, measure, start, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "deploy.md"
-TINY = (
-    "server.workflow.args.num_rounds=1",
-    "client.trainer.args.data.partition=full",
-    "client.trainer.args.data.max_train_samples=64",
-    "client.trainer.args.data.max_val_samples=64",
-)
 SIZE_MIB = 256
 
 

@@ -30,6 +30,15 @@ HELLO_A = [
 ]
 
 
+# Benchmark (c): a near-zero job, 1 round of 64 training and 64 validation images per site.
+TINY = (
+    "server.workflow.args.num_rounds=1",
+    "client.trainer.args.data.partition=full",
+    "client.trainer.args.data.max_train_samples=64",
+    "client.trainer.args.data.max_val_samples=64",
+)
+
+
 @dataclass(frozen=True)
 class Measurement:
     wall_s: float

@@ -25,16 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from measure import HELLO_A, REPO, cifar_root, measure, write_results
+from measure import HELLO_A, REPO, TINY, cifar_root, measure, write_results
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "versus.md"
-TINY = (
-    "server.workflow.args.num_rounds=1",
-    "client.trainer.args.data.partition=full",
-    "client.trainer.args.data.max_train_samples=64",
-    "client.trainer.args.data.max_val_samples=64",
-)
 
 
 def simulate(tree: Path, job: str, ws: Path, sites: int, *sets: str) -> list[str]:

@@ -132,21 +132,18 @@ class Client:
     def _run(self, header: dict[str, Any], archive: bytes) -> None:
         job_id = str(header["job_id"])
         starts = self._starts[job_id] = self._starts.get(job_id, 0) + 1
-        if starts > MAX_STARTS:
-            if starts == MAX_STARTS + 1:
-                log.error("job %s: the site's process failed %d times; not starting it again", job_id, MAX_STARTS)
-            self._stop.wait(10)
-            return
         folder = self.root / "jobs" / job_id
         code = folder / "code" / job_folder_name(header.get("folder"))
         try:
+            if starts > MAX_STARTS:
+                raise JobRefused(f"the site's process failed {MAX_STARTS} times (see {folder / 'log.txt'})")
             self._accept(header, archive)
-        except JobRefused as exc:
-            log.error("job %s (%s): refused: %s", header["name"], job_id, exc)
+            if not code.exists():
+                unpack_job(archive, code)
+        except (JobRefused, ConfigError) as exc:
+            log.error("job %s (%s): not taking part: %s", header["name"], job_id, exc)
             self._declined(job_id, str(exc))
             return
-        if not code.exists():
-            unpack_job(archive, code)
         (folder / HEADER).write_text(json.dumps(header))
         log.info("job %s (%s): starting the site's process", header["name"], job_id)
         process = self._child()

@@ -430,7 +430,7 @@ class FederationServer:
         return b""
 
     def _decline(self, site: str, request: bytes, context: grpc.ServicerContext) -> bytes:
-        """``site`` will not run the job (its signature or its code is not acceptable there)."""
+        """``site`` will not run the job: not signed for it, code it refuses, or its process keeps failing."""
         link, _ = self._job_for(site, context)
         reason = str(protocol.from_json(request).get("reason", ""))[:2000]
         log.error("%s declined the job: %s", site, reason)
