@@ -87,6 +87,8 @@ def test_a_signing_request_keeps_the_key_at_the_site(tmp_path: Path) -> None:
     assert kit.name == "site-9"
     with pytest.raises(ConfigError, match="would replace the key"):
         make_request("site-9", site_kit)
+    with pytest.raises(ConfigError, match=r"bad site name '\.\./x'"):
+        make_request("../x", tmp_path / "elsewhere")
 
 
 def test_certificates_never_outlive_the_ca(tmp_path: Path) -> None:
@@ -111,6 +113,8 @@ def test_certificates_never_outlive_the_ca(tmp_path: Path) -> None:
         ('name = "x"\nsites = ["a"]\nadmins = ["b"]\n[server]\nport = 70000\n', "server.port"),
         ('name = "x"\nsites = ["a"]\nadmins = ["b"]\n[server]\nhosts = []\n', "server.hosts"),
         ('name = "x"\nsites = ["a"]\nadmins = ["b"]\nvalid_days = "1y"\n', "valid_days"),
+        ('name = "x"\nsites = ["a"]\nadmins = ["b"]\n[server]\nhosts = ["héllo"]\n', "neither an IP address"),
+        ('name = "x"\nsites = ["a"]\nadmins = ["b"]\n[server]\nhosts = ["a b"]\n', "neither an IP address"),
         ("name = \n", "not valid TOML"),
     ],
 )

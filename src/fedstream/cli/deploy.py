@@ -94,6 +94,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command != "server":  # gRPC's own log lines (a failed handshake) are for the server's log only
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from fedstream.deploy.kit import load_kit
+    from fedstream.errors import ConfigError
 
     command = args.command
     if command == "provision":
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if args.action == "list":
             _print_json(admin.jobs())
         elif not args.job_id:
-            raise SystemExit(f"fedstream jobs {args.action}: name the job id")
+            raise ConfigError(f"name the job: fedstream jobs {args.action} JOB_ID --kit KIT", key="JOB_ID")
         elif args.action == "status":
             _print_json(admin.status(args.job_id))
         else:

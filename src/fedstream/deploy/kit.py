@@ -119,7 +119,10 @@ def load_kit(folder: str | os.PathLike[str], role: str) -> Kit:
     except ValidationError as exc:
         raise from_validation_error(exc).located(file=file) from None
     if config.role != role:
-        raise ConfigError(f"this is the kit of {config.role} {config.name!r}; a {role}'s kit is needed", file=file)
+        article = "an" if role[0] in "aeiou" else "a"
+        raise ConfigError(
+            f"this is the kit of {config.role} {config.name!r}; {article} {role}'s kit is needed", file=file
+        )
     if role != "site" and ("overrides" in data or "allow_custom_code" in data):
         raise ConfigError("only a site's kit may set overrides and allow_custom_code", file=file)
     key_path = root / KEY_FILE

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ else:  # pragma: no cover
 CA_DIR = "ca"
 CA_KEY = "ca.key"
 CA_CERT = "ca.pem"
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 CLOCK_SKEW = datetime.timedelta(minutes=5)  # certificates are valid from a little before now
 
 
@@ -63,6 +65,20 @@ class ServerSpec(BaseModel):
     name: str = "server"
     hosts: list[str] = Field(default_factory=lambda: ["localhost"], min_length=1)
     port: int = Field(default=8443, ge=1, le=65535)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                if not _HOST_NAME.match(host):
+                    raise ValueError(
+                        f"{host!r} is neither an IP address nor a host name (ASCII letters, digits, '-' and '.'; "
+                        "write international names in their xn-- form)"
+                    ) from None
+        return hosts
 
     @field_validator("name")
     @classmethod
@@ -225,7 +241,10 @@ def provision(project: Project, out: str | os.PathLike[str]) -> list[str]:
 
 def make_request(name: str, folder: str | os.PathLike[str]) -> Path:
     """A new private key (kept in ``folder``) and a signing request for ``name``; returns the request's path."""
-    _participant(name)
+    try:
+        _participant(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="name") from None
     kit = Path(folder)
     kit.mkdir(parents=True, exist_ok=True)
     if (kit / KEY_FILE).exists():
@@ -255,7 +274,10 @@ def sign_request(
     if not request.is_signature_valid:
         raise ConfigError("the request's signature does not verify", file=str(path))
     names = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    name = _participant(str(names[0].value)) if names else ""
+    try:
+        name = _participant(str(names[0].value)) if names else ""
+    except ValueError as exc:
+        raise ConfigError(f"the request's common name: {exc}", file=str(path)) from None
     public_key = request.public_key()
     if not name or not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise ConfigError("the request needs a common name and an EC key", file=str(path))
