@@ -198,3 +198,15 @@ def test_a_poll_waits_for_the_next_task() -> None:
     link.send(_task(1))
     poller.join(30)
     assert got == [_task(1)]
+
+
+def test_a_site_that_stops_early_fails_what_it_still_had() -> None:
+    link, recorder, _ = _link()
+    link.join("site-1", "a")
+    link.send(_task(1))
+    link.send(_task(2))
+    link.poll("site-1", "a", "", 0)
+    link.leave("site-1", "a")
+    assert [(r.task_id, r.failure is not None) for r in recorder.results()] == [("t1", True), ("t2", True)]
+    link.send(_task(3))  # fails at once
+    assert [r.task_id for r in recorder.results()] == ["t1", "t2", "t3"]

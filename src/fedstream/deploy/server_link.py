@@ -186,12 +186,17 @@ class PullLink:
         raise Refused(f"{site} sent a {type(message).__name__}, which sites do not send")
 
     def leave(self, site: str, instance: str) -> None:
-        """``site`` delivered its last events and stops."""
+        """``site`` delivered its last events and stops; tasks it still had (it stopped early) fail."""
         with self._cond:
             slot = self._slots.get(site)
-            if slot is not None and slot.instance == instance:
-                slot.left = True
-                self._cond.notify_all()
+            if slot is None or slot.instance != instance:
+                return
+            tasks = ([slot.running] if slot.running else []) + list(slot.queue)
+            slot.running, slot.queue = None, deque()
+            slot.left = slot.absent = True
+            self._cond.notify_all()
+        for task in tasks:
+            self._fail(task, "the site stopped before it answered (see its log)")
 
     def decline(self, site: str, reason: str) -> None:
         """``site`` will not take part: its tasks fail with ``reason``, now and later."""
