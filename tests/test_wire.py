@@ -9,7 +9,7 @@ import pytest
 
 from fedstream.errors import TransportError
 from fedstream.messages import EventAck, EventBatch, Failure, Join, Payload, Result, Shutdown, Task, WireEvent
-from fedstream.wire import decode, encode
+from fedstream.wire import decode, encode, encode_parts
 
 
 def weights() -> dict[str, np.ndarray]:
@@ -111,3 +111,43 @@ def test_extra_group_names_cannot_collide_with_the_weights() -> None:
     for name in ("", "a/b", "weights"):
         with pytest.raises(ValueError, match="extra group name"):
             encode(Task("t", "s", "train", 1, 1, Payload(extra={name: {}})))
+
+
+def test_the_body_is_standard_safetensors_and_decoding_copies_nothing() -> None:
+    import safetensors.numpy
+
+    mixed = {"i8": np.arange(3, dtype=np.int8), "f64": np.arange(5, dtype=np.float64), "b": np.array([True])}
+    parts = encode_parts(Result("t1", "site-1", 1, weights=mixed))
+    frame = bytearray(b"".join(parts))
+    head = struct.unpack_from("<I", frame)[0] + 4
+    standard = safetensors.numpy.load(bytes(frame[head:]))
+    assert_same_arrays({k.removeprefix("weights/"): standard[f"weights/{k}"] for k in mixed}, mixed)
+    back = decode(frame)
+    assert isinstance(back, Result)
+    assert_same_arrays(back.weights, mixed)
+    assert all(array.flags.aligned for array in back.weights.values())
+    frame[-1] = 0  # the last tensor (by item size) is "b": the arrays are views of the frame, not copies
+    assert not back.weights["b"][0]
+
+
+def _body(meta: dict[str, object], data: bytes) -> bytes:
+    text = json.dumps(meta).encode()
+    header = {**RESULT, "arrays": {"weights": [name.removeprefix("weights/") for name in meta]}}
+    return frame(header) + struct.pack("<Q", len(text)) + text + data
+
+
+@pytest.mark.parametrize(
+    ("meta", "data", "words"),
+    [
+        ({"weights/w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "outside"),
+        ({"weights/w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "bytes for shape"),
+        ({"weights/w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gaps"),
+        ({"weights/w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "no tensor describes"),
+        ({"weights/w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, "C64"),
+        ({"weights/w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "outside"),
+    ],
+    ids=["short-data", "wrong-size", "gap", "trailing-bytes", "unknown-dtype", "negative-shape"],
+)
+def test_malformed_safetensors_bodies_are_refused(meta: dict[str, object], data: bytes, words: str) -> None:
+    with pytest.raises(TransportError, match=f"malformed message.*{words}"):
+        decode(_body(meta, data))

@@ -4,6 +4,10 @@ A frame is ``<4-byte header length><JSON header><safetensors body>``. The header
 holds every field but the arrays, by name; the body holds the arrays (``weights/<name>``,
 ``extra/<group>/<name>``) in safetensors format. Never a pickle, so a message cannot make the receiving
 process run code. :func:`decode` checks every field's type and refuses frames over a size limit.
+
+Models are large, so neither side copies them: :func:`encode_parts` gives the frame as pieces whose array
+data are views of the message's own arrays, and :func:`decode` returns arrays that are views of the frame
+(aligned: the body's tensors are laid out by item size, after a header padded to 8 bytes).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import struct
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 
 from fedstream.errors import TransportError
 from fedstream.messages import (
@@ -36,6 +39,11 @@ MAX_FRAME_BYTES = 4 * 1024**3  # frames carry whole models; the link may set a l
 
 def encode(message: Message) -> bytes:
     """``message`` as one frame."""
+    return b"".join(encode_parts(message))
+
+
+def encode_parts(message: Message) -> list[bytes | memoryview]:
+    """``message`` as the pieces of one frame, in order; the arrays' data are not copied."""
     arrays: dict[str, Weights] = {}
     header: dict[str, Any]
     if isinstance(message, Task):
@@ -80,21 +88,55 @@ def encode(message: Message) -> bytes:
         raise TypeError(f"not a fedstream message: {type(message).__name__}")
     flat = {f"{section}/{name}": array for section, group in arrays.items() for name, array in group.items()}
     header["arrays"] = {section: list(group) for section, group in arrays.items() if group}
-    head = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
-    body = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in flat.items()}) if flat else b""
-    return _LENGTH.pack(len(head)) + head + body
+    text = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
+    head = _LENGTH.pack(len(text)) + text
+    return [head, *_safetensors(flat, len(head))] if flat else [head]
 
 
-def decode(frame: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
-    """The message in ``frame``; a malformed or oversized frame raises :class:`TransportError`."""
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+_NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}
+
+
+def _safetensors(arrays: dict[str, np.ndarray], offset: int) -> list[bytes | memoryview]:
+    """The safetensors body of ``arrays`` as pieces, for a body that starts ``offset`` bytes into the frame:
+    tensors by descending item size, after a header padded so that each tensor's data is aligned."""
+    laid = sorted(arrays.items(), key=lambda item: -item[1].dtype.itemsize)
+    meta: dict[str, Any] = {}
+    data: list[bytes | memoryview] = []
+    start = 0
+    for name, array in laid:
+        contiguous = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        kind = _NAMES.get(contiguous.dtype.newbyteorder("="))
+        if kind is None:
+            raise TypeError(f"array {name!r} has dtype {array.dtype}, which cannot be sent")
+        meta[name] = {
+            "dtype": kind,
+            "shape": list(contiguous.shape),
+            "data_offsets": [start, start + contiguous.nbytes],
+        }
+        start += contiguous.nbytes
+        data.append(contiguous.reshape(-1).view(np.uint8).data)
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-(offset + 8 + len(text)) % 8)
+    return [struct.pack("<Q", len(text)) + text, *data]
+
+
+def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """The message in ``frame``; its arrays are views of ``frame``. A malformed or oversized frame raises
+    :class:`TransportError`."""
     if len(frame) > max_bytes:
         raise TransportError(f"a message of {len(frame):,} bytes is over the limit of {max_bytes:,} bytes")
+    view = memoryview(frame)
     try:
-        (size,) = _LENGTH.unpack_from(frame)
-        header = json.loads(frame[_LENGTH.size : _LENGTH.size + size])
+        (size,) = _LENGTH.unpack_from(view)
+        header = json.loads(bytes(view[_LENGTH.size : _LENGTH.size + size]))
         if not isinstance(header, dict):
             raise TypeError("the header is not a JSON object")
-        body = frame[_LENGTH.size + size :]
+        body = view[_LENGTH.size + size :]
         return _build(header, _arrays(header, body))
     except TransportError:
         raise
@@ -109,8 +151,41 @@ def _extra(extra: dict[str, Weights]) -> dict[str, Weights]:
     return {f"extra/{group}": arrays for group, arrays in extra.items()}
 
 
-def _arrays(header: dict[str, Any], body: bytes) -> dict[str, Weights]:
-    loaded = safetensors.numpy.load(body) if body else {}
+def _load(body: memoryview) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors body, as views; every offset and size is checked, and the tensors must
+    cover the data exactly (no gaps, no overlaps), as the format requires."""
+    (size,) = struct.unpack_from("<Q", body)
+    if size > len(body) - 8:
+        raise ValueError(f"the safetensors header claims {size:,} bytes, more than the body holds")
+    meta = json.loads(bytes(body[8 : 8 + size]))
+    if not isinstance(meta, dict):
+        raise TypeError("the safetensors header is not a JSON object")
+    data = body[8 + size :]
+    loaded, spans = {}, []
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+        shape = [int(n) for n in info["shape"]]
+        start, end = (int(n) for n in info["data_offsets"])
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= len(data):
+            raise ValueError(f"tensor {name!r} lies outside the data")
+        if end - start != int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} has {end - start} bytes for shape {shape} of {info['dtype']}")
+        loaded[str(name)] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
+        spans.append((start, end))
+    covered = 0
+    for start, end in sorted(spans):
+        if start != covered:
+            raise ValueError("the tensors leave gaps in the data or overlap")
+        covered = end
+    if covered != len(data):
+        raise ValueError("the data holds bytes no tensor describes")
+    return loaded
+
+
+def _arrays(header: dict[str, Any], body: memoryview) -> dict[str, Weights]:
+    loaded = _load(body) if len(body) else {}
     sections = _get(header, "arrays", dict)
     return {section: {name: loaded[f"{section}/{name}"] for name in names} for section, names in sections.items()}
 

@@ -46,26 +46,28 @@ def method(name: str) -> str:
     return f"/{SERVICE}/{name}"
 
 
-def chunks(data: bytes) -> Iterator[bytes]:
-    """``data`` in pieces of at most :data:`CHUNK_BYTES` (one empty piece for empty data)."""
-    view = memoryview(data)
-    yield bytes(view[:CHUNK_BYTES])
-    for start in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
-        yield bytes(view[start : start + CHUNK_BYTES])
+def chunks(*parts: bytes | memoryview) -> Iterator[bytes]:
+    """The bytes of ``parts`` (a frame's pieces: :func:`fedstream.wire.encode_parts`), one after the other,
+    in chunks of at most :data:`CHUNK_BYTES`; nothing for no bytes."""
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, len(view), CHUNK_BYTES):
+            yield bytes(view[start : start + CHUNK_BYTES])
 
 
 class TooLarge(Exception):
     """A frame grew past its limit."""
 
 
-def join_chunks(pieces: Iterable[bytes], limit: int) -> bytes:
-    """The frame made of ``pieces``; raises :class:`TooLarge` once it would exceed ``limit`` bytes."""
+def join_chunks(pieces: Iterable[bytes], limit: int) -> bytearray:
+    """The frame made of ``pieces`` (not copied again: decode it as it is); raises :class:`TooLarge` once it
+    would exceed ``limit`` bytes."""
     buffer = bytearray()
     for piece in pieces:
         buffer += piece
         if len(buffer) > limit:
             raise TooLarge(f"{len(buffer) / 2**20:.0f} MiB and more, over the limit of {limit / 2**20:.0f} MiB")
-    return bytes(buffer)
+    return buffer
 
 
 def to_json(value: Any) -> bytes:

@@ -40,7 +40,7 @@ from fedstream.errors import ConfigError, FedstreamError, TransportError
 from fedstream.events import EventBus
 from fedstream.server.models import ModelStore
 from fedstream.server.runtime import EXIT_INTERRUPTED, RunResult, ServerRuntime, build, new_job_id
-from fedstream.wire import decode, encode
+from fedstream.wire import decode, encode, encode_parts
 from fedstream.workflows.base import RoundCompleted
 from fedstream.workspace import Workspace, check_site_names
 
@@ -402,7 +402,7 @@ class FederationServer:
         asked = protocol.from_json(request)
         wait_s = min(float(asked.get("wait_s", self.settings.poll_s)), 60.0)
         message = link.poll(site, instance, str(asked.get("have", "")), wait_s)  # here, so that refusals reach _site
-        return protocol.chunks(encode(message)) if message is not None else iter(())
+        return protocol.chunks(*encode_parts(message)) if message is not None else iter(())
 
     def _receive(self, site: str, request: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         link, instance = self._job_for(site, context)
@@ -451,7 +451,7 @@ class FederationServer:
     def _submit(self, admin: str, request: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         header = protocol.from_json(next(request, b""))
         try:
-            archive = protocol.join_chunks(request, MAX_JOB_BYTES)
+            archive = bytes(protocol.join_chunks(request, MAX_JOB_BYTES))
         except protocol.TooLarge as exc:
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"the job folder is {exc}; keep data out of it")
         job_id = new_job_id()

@@ -23,7 +23,7 @@ from fedstream.deploy.kit import Kit
 from fedstream.errors import TransportError
 from fedstream.link import SiteEndpoint
 from fedstream.messages import EventAck, EventBatch, Result, Shutdown, Task
-from fedstream.wire import decode, encode
+from fedstream.wire import decode, encode_parts
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ class GrpcSiteLink:
 
     def send_result(self, result: Result) -> None:
         """Send ``result`` until the server has it (or the job is over)."""
-        self._deliver(encode(result), retry=True)
+        self._deliver(encode_parts(result), retry=True)
 
     def send_events(self, batch: EventBatch) -> None:
         """One attempt; the outbox resends a batch that is not acknowledged."""
-        answer = self._deliver(encode(batch), retry=False)
+        answer = self._deliver(encode_parts(batch), retry=False)
         if answer and self._endpoint is not None:
             ack = decode(answer)
             if isinstance(ack, EventAck):
@@ -139,12 +139,12 @@ class GrpcSiteLink:
                 self._endpoint.shutdown(message.reason)
                 return
 
-    def _deliver(self, frame: bytes, *, retry: bool) -> bytes:
+    def _deliver(self, parts: list[bytes | memoryview], *, retry: bool) -> bytes:
         backoff = Backoff()
-        timeout = 60 + len(frame) / 2**20  # a minute, and a second per MiB
+        timeout = 60 + sum(len(part) for part in parts) / 2**20  # a minute, and a second per MiB
         while not self._stop.is_set():
             try:
-                answer: bytes = self._send(protocol.chunks(frame), metadata=self._metadata, timeout=timeout)
+                answer: bytes = self._send(protocol.chunks(*parts), metadata=self._metadata, timeout=timeout)
                 return answer
             except grpc.RpcError as exc:
                 if self._fatal(exc):

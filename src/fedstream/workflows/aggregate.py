@@ -29,8 +29,15 @@ def _few(names: list[str]) -> str:
     return str(names[:5])[:-1] + (f", ... {len(names) - 5} more]" if len(names) > 5 else "]")
 
 
+SLICE = 1 << 22
+"""Elements worked on at once: a large tensor is scaled and added in slices, so the temporary float64 copy of a
+contribution is at most 32 MB whatever the tensor's size."""
+
+
 class WeightedAverage:
-    """Running weighted mean of named arrays, kept in float64 and returned in each array's own dtype."""
+    """Running weighted mean of named arrays, kept in float64 and returned in each array's own dtype.
+
+    Memory: the float64 sums (twice the model's float32 size) and slices of at most :data:`SLICE` elements."""
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
@@ -51,12 +58,12 @@ class WeightedAverage:
                 if array.shape != self._sums[name].shape:
                     raise ValueError(f"{name!r} has shape {array.shape}, expected {self._sums[name].shape}")
         for name, array in arrays.items():
-            scaled = np.multiply(array, weight, dtype=np.float64)
-            if name in self._sums:
-                self._sums[name] += scaled
-            else:
-                self._sums[name] = scaled
+            if name not in self._sums:
+                self._sums[name] = np.zeros(array.shape, np.float64)
                 self._dtypes[name] = array.dtype
+            total, flat = self._sums[name].reshape(-1), array.reshape(-1)
+            for start in range(0, flat.size, SLICE):
+                total[start : start + SLICE] += np.multiply(flat[start : start + SLICE], weight, dtype=np.float64)
         self.total_weight += weight
         self.count += 1
 
@@ -66,9 +73,13 @@ class WeightedAverage:
             raise ValueError("no contributions to average")
         averaged = {}
         for name, total in self._sums.items():
-            mean = total / self.total_weight
             dtype = self._dtypes[name]
-            averaged[name] = (np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
+            out = np.empty(total.shape, dtype)
+            flat, sums = out.reshape(-1), total.reshape(-1)
+            for start in range(0, sums.size, SLICE):
+                mean = sums[start : start + SLICE] / self.total_weight
+                flat[start : start + SLICE] = np.rint(mean) if np.issubdtype(dtype, np.integer) else mean
+            averaged[name] = out
         return averaged
 
 
