@@ -22,7 +22,7 @@ from fedstream.deploy.provision import provision
 from fedstream.deploy.server import pack_job
 from fedstream.deploy.signing import sign_job
 from fedstream.errors import ConfigError, FedstreamError, TransportError
-from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job
+from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job, wait_for
 from tests.tcp_proxy import TcpProxy
 
 TINY = [
@@ -148,6 +148,7 @@ def test_bad_jobs_are_refused_at_submission_with_local_names(deployment: Any, tm
 
 def test_the_admin_sees_the_connected_sites(deployment: Any) -> None:
     _, admin = deployment
+    wait_for(lambda: len(admin.sites()) == 2, "both clients to call the server")
     sites = admin.sites()
     assert [entry["site"] for entry in sites] == ["site-1", "site-2"]
     assert all(entry["version"] for entry in sites)
@@ -317,3 +318,29 @@ def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_p
         assert steps == [1, 2, 3, 4]
     else:  # what the killed server had not written yet is lost, never repeated
         assert sorted(set(steps)) == steps and steps[-2:] == [3, 4]
+
+
+def test_an_admin_reads_the_log_and_downloads_the_outputs(deployment: Any, tmp_path: Path) -> None:
+    workspace, admin = deployment
+    job_id = admin.submit(turns_job(tmp_path), [], ["site-1", "site-2"])
+    assert admin.follow(job_id, lambda status: None)["state"] == "completed"
+    assert "round 1/1 done" in admin.logs(job_id)
+    done = run_cli("jobs", "download", job_id, "-o", str(tmp_path / "got"), "--kit", str(workspace / "kits" / "admin"))
+    assert done.returncode == 0, done.stderr
+    result = read_result(tmp_path / "got" / job_id)
+    assert result["job_id"] == job_id and result["status"] == "completed"
+    assert (tmp_path / "got" / job_id / "server" / "models" / "global.pt").is_file()
+    with pytest.raises(FedstreamError, match="no job 'nope'"):
+        admin.download("nope", tmp_path)
+
+
+def test_a_changed_job_runs_its_new_code_on_a_long_running_server(deployment: Any, tmp_path: Path) -> None:
+    _, admin = deployment
+    job = turns_job(tmp_path)
+    first = admin.submit(job, [], ["site-1", "site-2"])
+    assert admin.follow(first, lambda status: None)["state"] == "completed"
+    edit(job / "turns.py", "torch.zeros(2, 2)", "torch.zeros(3, 3)")  # the same module name, a new model
+    second = admin.submit(job, [], ["site-1", "site-2"])
+    status = admin.follow(second, lambda status: None)
+    assert status["state"] == "completed", status["result"]["error"]
+    assert torch.load(status["result"]["models"]["global"])["w"].shape == (3, 3)

@@ -68,10 +68,11 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     submit.add_argument("--follow", action="store_true", help="show its progress and wait for its end")
     submit.add_argument("--set", **overrides)
 
-    jobs = commands.add_parser("jobs", help="list, watch or abort jobs on the server (admins)")
-    jobs.add_argument("action", choices=["list", "status", "abort"])
+    jobs = commands.add_parser("jobs", help="list, inspect, abort or download jobs on the server (admins)")
+    jobs.add_argument("action", choices=["list", "status", "logs", "abort", "download"])
     jobs.add_argument("job_id", nargs="?", default="")
     jobs.add_argument("--kit", required=True, help="an admin's startup kit")
+    jobs.add_argument("-o", "--output", default=".", help="download: the folder to put <job id>/ in (default .)")
 
     sites = commands.add_parser("sites", help="the sites the server has seen (admins)")
     sites.add_argument("--kit", required=True, help="an admin's startup kit")
@@ -156,6 +157,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             raise ConfigError(f"name the job: fedstream jobs {args.action} JOB_ID --kit KIT", key="JOB_ID")
         elif args.action == "status":
             _print_json(admin.status(args.job_id))
+        elif args.action == "logs":
+            print(admin.logs(args.job_id), end="")
+        elif args.action == "download":
+            console.print(f"downloaded to {admin.download(args.job_id, args.output)}")
         else:
             admin.abort(args.job_id)
             console.print(f"job {args.job_id} is being aborted")

@@ -15,7 +15,7 @@ import grpc
 from fedstream.config.loader import JOB_FILE
 from fedstream.deploy import protocol
 from fedstream.deploy.kit import Kit
-from fedstream.deploy.server import ENDED, MAX_JOB_BYTES, pack_job
+from fedstream.deploy.server import ENDED, MAX_JOB_BYTES, pack_job, unpack_job
 from fedstream.deploy.signing import sign_job
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 
@@ -80,6 +80,27 @@ class Admin:
 
     def sites(self) -> list[dict[str, Any]]:
         return list(self._call("Sites", {}))
+
+    def logs(self, job_id: str) -> str:
+        """The end of the job's log on the server."""
+        try:
+            answer = self._channel.unary_unary(protocol.method("Logs"))(
+                protocol.to_json({"job_id": job_id}), timeout=60
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return bytes(answer).decode(errors="replace")
+
+    def download(self, job_id: str, folder: str | Path) -> Path:
+        """Fetch the job's outputs on the server into ``folder/<job id>/``; returns that folder."""
+        target = Path(folder) / job_id
+        call = self._channel.unary_stream(protocol.method("Download"))
+        try:
+            archive = bytes(protocol.join_chunks(call(protocol.to_json({"job_id": job_id}), timeout=600), 2**40))
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        unpack_job(archive, target)
+        return target
 
     def follow(
         self, job_id: str, show: Callable[[dict[str, Any]], None], every_s: float = 0.25, patience_s: float = 300

@@ -16,9 +16,11 @@ import io
 import json
 import logging
 import os
+import sys
 import tarfile
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -30,7 +32,7 @@ import grpc
 
 from fedstream import __version__, logs
 from fedstream.children import sigterm_as_interrupt
-from fedstream.config import load_job
+from fedstream.config import Job, load_job
 from fedstream.deploy import protocol
 from fedstream.deploy.kit import Kit
 from fedstream.deploy.server_link import PullLink, Refused, Rejoin
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_JOB_BYTES = 64 * 1024**2
 ENDED = ("completed", "failed", "aborted")
 RECORD = "job.json"
+LOG_TAIL_BYTES = 256 * 1024
 ARCHIVE = "job.tar.gz"
 
 
@@ -201,6 +204,7 @@ class FederationServer:
         self.listen = listen or f"0.0.0.0:{kit.config.port}"
         self._console = console
         self._cond = threading.Condition()
+        self._load_lock = threading.Lock()
         self._jobs: dict[str, JobRecord] = {}
         self._queue: deque[JobRecord] = deque()
         self._seen: dict[str, tuple[float, str]] = {}  # site -> (last call, its fedstream version)
@@ -217,6 +221,8 @@ class FederationServer:
             "Status": grpc.unary_unary_rpc_method_handler(self._admin(self._status)),
             "Abort": grpc.unary_unary_rpc_method_handler(self._admin(self._abort)),
             "Sites": grpc.unary_unary_rpc_method_handler(self._admin(self._sites)),
+            "Logs": grpc.unary_unary_rpc_method_handler(self._admin(self._logs)),
+            "Download": grpc.unary_stream_rpc_method_handler(self._admin(self._download)),
         }
         self._grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(protocol.SERVICE, handlers),))
         try:
@@ -232,7 +238,8 @@ class FederationServer:
         self.root.mkdir(parents=True, exist_ok=True)
         logs.setup_server(self.root, self._console)
         self._restore()
-        threading.Thread(target=_import_torch, name="import-torch", daemon=True).start()  # every job needs it
+        import torch  # noqa: F401 - every job needs it; imported here, never by two threads at once
+
         self._grpc.start()
         log.info("fedstream %s server %s listening on %s", __version__, self.kit.name, self.listen)
         try:
@@ -278,7 +285,10 @@ class FederationServer:
         """Run ``record``'s job; a job that cannot even start fails with the reason, and the server goes on."""
         try:
             return self._run(record).exit_code
-        except (FedstreamError, OSError) as exc:
+        except Exception as exc:  # a job's own code may raise anything while it is loaded: never the server's end
+            if not isinstance(exc, FedstreamError | OSError):
+                log.error("job %s (%s) failed to load:\n%s", record.name, record.id, traceback.format_exc())
+                exc = FedstreamError(f"{type(exc).__name__}: {exc}")
             log.error("job %s (%s) cannot start: %s", record.name, record.id, exc)
             with self._cond:
                 record.state, record.error, record.exit_code = "failed", f"cannot start: {exc}", 1
@@ -288,8 +298,20 @@ class FederationServer:
             logs.setup_server(self.root, self._console)
             return 1
 
+    def _load(self, folder: Path, overrides: list[str]) -> Job:
+        """Load a job afresh: the modules of earlier jobs' folders are forgotten first, so that a long-running
+        server never runs an earlier version of a job's module of the same name."""
+        code = (self.root / "code").resolve()
+        with self._load_lock:
+            sys.path[:] = [entry for entry in sys.path if not Path(entry).resolve().is_relative_to(code)]
+            for name, module in list(sys.modules.items()):
+                file = getattr(module, "__file__", None)
+                if file and Path(file).resolve().is_relative_to(code):
+                    del sys.modules[name]
+            return load_job(folder, overrides)
+
     def _run(self, record: JobRecord) -> RunResult:
-        job = load_job(record.code, record.overrides)
+        job = self._load(record.code, record.overrides)
         components = build(job, record.sites)
         folder = self.root / "jobs" / record.id
         if ModelStore(Workspace(folder).models).last_round():  # resuming: keep its rounds and models
@@ -463,7 +485,7 @@ class FederationServer:
             if signer != admin:
                 raise JobRefused(f"the job was signed by {signer}, not by {admin} who submits it")
             unpack_job(archive, code)
-            job = load_job(code, overrides)
+            job = self._load(code, overrides)
             sites = self._job_sites(header.get("sites"))
             build(job, sites)
         except FedstreamError as exc:
@@ -523,6 +545,25 @@ class FederationServer:
             runtime.abort(f"aborted by {admin}")
         return b""
 
+    def _outputs(self, request: bytes, context: grpc.ServicerContext) -> Path:
+        with self._cond:
+            record = self._record(request, context)
+        folder = self.root / "jobs" / record.id
+        if not folder.is_dir():
+            _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, f"job {record.id} has not started yet")
+        return folder
+
+    def _logs(self, admin: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """The end of the job's server log (the sites' own logs stay on the sites)."""
+        log_file = self._outputs(request, context) / "log.txt"
+        with open(log_file, "rb") as file:
+            file.seek(max(0, log_file.stat().st_size - LOG_TAIL_BYTES))
+            return file.read()
+
+    def _download(self, admin: str, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The job's outputs on the server (result.json, models, logs, TensorBoard files) as a gzipped tar."""
+        return protocol.chunks(pack_job(self._outputs(request, context)))
+
     def _sites(self, admin: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         now = time.time()
         with self._cond:
@@ -531,10 +572,6 @@ class FederationServer:
                 for site, (seen, version) in sorted(self._seen.items())
             ]
         return protocol.to_json(sites)
-
-
-def _import_torch() -> None:
-    import torch  # noqa: F401
 
 
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
