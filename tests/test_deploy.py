@@ -3,6 +3,7 @@ certificates. The same job runs unchanged and gives what the simulator gives; re
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 from pathlib import Path
@@ -11,14 +12,17 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedstream.deploy import protocol
 from fedstream.deploy.admin import Admin
-from fedstream.deploy.kit import load_kit
+from fedstream.deploy.kit import Kit, load_kit
 from fedstream.deploy.poc import federation, poc_project
-from fedstream.deploy.provision import provision
+from fedstream.deploy.provision import Authority, provision
 from fedstream.deploy.server import pack_job
 from fedstream.deploy.signing import sign_job
 from fedstream.errors import ConfigError, FedstreamError, TransportError
@@ -217,8 +221,8 @@ def test_a_job_changed_after_signing_is_refused(deployment: Any, tmp_path: Path)
     submit = channel.stream_unary(protocol.method("Submit"))
     with pytest.raises(grpc.RpcError) as caught:
         submit(iter([protocol.to_json(header), *protocol.chunks(pack_job(job))]), timeout=60)
-    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    assert "modified after admin signed it" in caught.value.details()  # type: ignore[attr-defined]
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "modified after admin signed it" in caught.value.details()
     channel.close()
 
 
@@ -344,3 +348,26 @@ def test_a_changed_job_runs_its_new_code_on_a_long_running_server(deployment: An
     status = admin.follow(second, lambda status: None)
     assert status["state"] == "completed", status["result"]["error"]
     assert torch.load(status["result"]["models"]["global"])["w"].shape == (3, 3)
+
+
+def test_an_expired_certificate_is_refused_with_a_hint(deployment: Any, tmp_path: Path) -> None:
+    workspace, admin = deployment
+    authority = Authority.load(workspace / "kits" / "ca")
+    kit = load_kit(workspace / "kits" / "admin", "admin")
+    key = serialization.load_pem_private_key(kit.key, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    cert = x509.load_pem_x509_certificate(kit.cert)
+    expired = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(authority.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(past)
+        .not_valid_after(past + datetime.timedelta(days=1))
+        .sign(authority.key, hashes.SHA256())
+    )
+    stale = Kit(kit.folder, kit.config, expired.public_bytes(serialization.Encoding.PEM), kit.key, kit.ca)
+    with pytest.raises(TransportError, match="did not accept this kit's certificate"):
+        Admin(stale, admin.address).jobs()

@@ -137,6 +137,11 @@ def explain(error: grpc.RpcError, address: str) -> str:
                 f"the TLS handshake with {address} failed: the server and this kit do not trust each other "
                 "(a kit from another federation, or a revoked or expired certificate)"
             )
+        if "socket closed" in text:
+            return (
+                f"{address} closed the connection during the TLS handshake: the server did not accept this kit's "
+                "certificate (expired, not yet valid, or issued by another federation's CA)"
+            )
         if "timeout" in text or "deadline" in text:
             return f"{address} does not answer (a firewall, or the wrong port?)"
         return f"cannot reach {address}: {details}"
