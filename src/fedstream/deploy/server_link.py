@@ -49,6 +49,12 @@ class _Slot:
     left: bool = False  # said goodbye after the job's end
     declined: str = ""  # why the site will not run this job
 
+    def take_tasks(self) -> list[Task]:
+        """The task it runs and those queued for it, which it will no longer get."""
+        tasks = ([self.running] if self.running else []) + list(self.queue)
+        self.running, self.queue = None, deque()
+        return tasks
+
 
 class PullLink:
     """A :class:`~fedstream.link.ServerLink` for sites that poll for their tasks.
@@ -191,8 +197,7 @@ class PullLink:
             slot = self._slots.get(site)
             if slot is None or slot.instance != instance:
                 return
-            tasks = ([slot.running] if slot.running else []) + list(slot.queue)
-            slot.running, slot.queue = None, deque()
+            tasks = slot.take_tasks()
             slot.left = slot.absent = True
             self._cond.notify_all()
         for task in tasks:
@@ -202,8 +207,7 @@ class PullLink:
         """``site`` will not take part: its tasks fail with ``reason``, now and later."""
         with self._cond:
             slot = self._slot(site)
-            tasks = ([slot.running] if slot.running else []) + list(slot.queue)
-            slot.running, slot.queue = None, deque()
+            tasks = slot.take_tasks()
             slot.absent = slot.left = True
             was_present, slot.present = slot.present, False
             slot.declined = reason
@@ -258,8 +262,7 @@ class PullLink:
                     reason = f"did not connect within {self._absent_after_s:g} s"
                 else:
                     continue
-                tasks = ([slot.running] if slot.running else []) + list(slot.queue)
-                slot.running, slot.queue = None, deque()
+                tasks = slot.take_tasks()
                 was_present, slot.present, slot.absent = slot.present, False, True
                 gone.append((slot, tasks, reason, was_present))
                 if not was_present:
