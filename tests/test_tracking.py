@@ -125,6 +125,15 @@ def logging_job(tmp_path: Path, *, tracking_uri: str = "", trainer_args: str = "
     )
 
 
+def gated_job(tmp_path: Path, *, tracking_uri: str = "", mlflow_args: str = "") -> tuple[Path, Path]:
+    """The logging job whose trainer waits for files in its gate folder; returns (job, gate)."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    job = logging_job(tmp_path, tracking_uri=tracking_uri, trainer_args=f'gate = "{gate}"', mlflow_args=mlflow_args)
+    (job / "job.toml").write_text((job / "job.toml").read_text().replace("LoggingTrainer", "GatedTrainer"))
+    return job, gate
+
+
 def simulate(job: Path, ws: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     done = run_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q", *args)
     assert (ws / "result.json").is_file(), done.stdout + done.stderr
@@ -346,20 +355,12 @@ def gated_count(server: MlflowServer) -> int:
 
 def test_tracking_server_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
     server = MlflowServer(tmp_path / "mlflow").start()
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    job = logging_job(
+    job, gate = gated_job(
         tmp_path,
         tracking_uri=server.url,
-        trainer_args=f'gate = "{gate}"',
         mlflow_args="http_max_retries = 0\nhttp_timeout_s = 5\nflush_interval_s = 0.2",
     )
-    (job / "job.toml").write_text(
-        (job / "job.toml")
-        .read_text()
-        .replace("LoggingTrainer", "GatedTrainer")
-        .replace("num_rounds = 2", "num_rounds = 3")
-    )
+    (job / "job.toml").write_text((job / "job.toml").read_text().replace("num_rounds = 2", "num_rounds = 3"))
     ws = tmp_path / "ws"
     process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q",
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
@@ -416,10 +417,7 @@ def gone(pids: list[int]) -> bool:
 
 
 def test_sigterm_leaves_a_result_and_killed_runs(tmp_path: Path, tracking_store: Path) -> None:
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    job = logging_job(tmp_path, trainer_args=f'gate = "{gate}"', mlflow_args="flush_interval_s = 0.2")
-    (job / "job.toml").write_text((job / "job.toml").read_text().replace("LoggingTrainer", "GatedTrainer"))
+    job, _ = gated_job(tmp_path, mlflow_args="flush_interval_s = 0.2")
     ws = tmp_path / "ws"
     process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-q",
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
@@ -446,15 +444,11 @@ def test_sigterm_leaves_a_result_and_killed_runs(tmp_path: Path, tracking_store:
 
 def test_ctrl_c_while_waiting_for_a_hung_tracking_server_still_writes_the_result(tmp_path: Path) -> None:
     server = MlflowServer(tmp_path / "mlflow").start()
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    job = logging_job(
+    job, gate = gated_job(
         tmp_path,
         tracking_uri=server.url,
-        trainer_args=f'gate = "{gate}"',
         mlflow_args="http_max_retries = 0\nhttp_timeout_s = 300\nflush_interval_s = 0.2\nstop_timeout_s = 600.0",
     )
-    (job / "job.toml").write_text((job / "job.toml").read_text().replace("LoggingTrainer", "GatedTrainer"))
     ws = tmp_path / "ws"
     process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-v",
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
