@@ -12,6 +12,7 @@ if _TYPE_CHECKING:
     from fedstream.errors import ConfigError, DataError, FedstreamError, JobFailed, TrackingError, TransportError
     from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
     from fedstream.site.context import SiteContext, current_site
+    from fedstream.tracking.writers import mlflow
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ _WHERE = {
     "ValidationOutput": "fedstream.pt.trainer",
     "SiteContext": "fedstream.site.context",
     "current_site": "fedstream.site.context",
+    "mlflow": "fedstream.tracking.writers",
 }
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "ValidationOutput",
     "__version__",
     "current_site",
+    "mlflow",
 ]
 
 

@@ -80,7 +80,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (every default written out)."""
-        data = self.config.model_dump(mode="json")
+        data = self.config.model_dump(mode="json", exclude_none=True)
         for key, comp in self.components.items():
             node = data
             for part in key.split("."):
@@ -145,7 +145,9 @@ KINDS = {
 
 def _component_keys(config: JobConfig) -> dict[str, str]:
     """Each component's dotted key and the import path of the base class it must derive from."""
-    keys = {key: KINDS[key] for key in ("model", "server.workflow", "client.trainer")}
+    keys = {key: KINDS[key] for key in ("model", "server.workflow")}
+    if config.client.trainer is not None:
+        keys["client.trainer"] = KINDS["client.trainer"]
     keys.update({f"server.receivers.{name}": KINDS["server.receivers"] for name in config.server.receivers})
     return keys
 
@@ -201,4 +203,7 @@ def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, s
             components[key] = Component(key, cls, validate_args(cls, ref.args, f"{key}.args"), source, overridden)
         except ConfigError as exc:
             raise where(exc) from None
+    script = config.client.script
+    if script is not None and not (folder / script.path).is_file():
+        raise where(ConfigError(f"the job folder has no {script.path}", key="client.script.path"))
     return Job(dir=folder, config=config, components=components, source=source)

@@ -7,9 +7,10 @@ keys are errors everywhere.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -47,11 +48,39 @@ class ServerConfig(Strict):
     receivers: dict[str, ComponentConfig] = Field(default_factory=dict)
 
 
-class ClientConfig(Strict):
-    """What runs on every site: the trainer, and which of its events go to the server."""
+class ScriptConfig(Strict):
+    """A plain training script that a site runs instead of a trainer class (see :mod:`fedstream.client`).
 
-    trainer: ComponentConfig
+    ``path`` is relative to the job folder; ``args`` are its command-line arguments. ``mode = "thread"`` runs
+    it in a thread of the site's process; ``"process"`` runs it with its own Python interpreter.
+    """
+
+    path: str
+    args: list[str] = Field(default_factory=list)
+    mode: Literal["thread", "process"] = "thread"
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or path.is_absolute() or ".." in path.parts or path.suffix != ".py":
+            raise ValueError(f"expected a .py file inside the job folder, such as 'train.py', got {value!r}")
+        return value
+
+
+class ClientConfig(Strict):
+    """What runs on every site (a trainer class or a training script), and which of its events go to the
+    server."""
+
+    trainer: ComponentConfig | None = None
+    script: ScriptConfig | None = None
     forward: ForwardConfig = Field(default_factory=ForwardConfig)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ClientConfig:
+        if (self.trainer is None) == (self.script is None):
+            raise ValueError("give either [client.trainer] (a Trainer class) or [client.script] (a training script)")
+        return self
 
 
 class JobConfig(Strict):

@@ -8,10 +8,8 @@ not what the API promises), and sends the model's weights back after training.
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -20,7 +18,8 @@ from fedstream.events import EventBus
 from fedstream.messages import TRAIN, VALIDATE, EventBatch, Task
 from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
 from fedstream.site.context import SiteContext
-from fedstream.site.executor import Executor, TaskOutput
+from fedstream.site.executor import Executor, TaskOutput, checked_metrics, checked_samples, describe
+from fedstream.site.script import ScriptExecutor
 from fedstream.site.site import Site
 
 
@@ -28,10 +27,6 @@ def preload() -> None:
     """Import ahead what a site's first task would import: ``torch._dynamo`` is loaded by an optimizer's first
     use (about 1 s and 70 MB). Site processes call it before they have work."""
     import torch._dynamo  # noqa: F401
-
-
-MAX_SAMPLES = 10**12
-"""More samples than any site has: a larger count is a bug that would swamp the weighted average."""
 
 
 class TrainerExecutor(Executor):
@@ -59,10 +54,10 @@ class TrainerExecutor(Executor):
         expected = TrainOutput if task.kind == TRAIN else ValidationOutput
         output = trainer.train(info) if task.kind == TRAIN else trainer.validate(info)
         if not isinstance(output, expected):
-            raise TypeError(f"{where} must return a fedstream.{expected.__name__}, got {_kind(output)}")
+            raise TypeError(f"{where} must return a fedstream.{expected.__name__}, got {describe(output)}")
         return TaskOutput(
-            _samples(output.num_samples, where, minimum=1),
-            _metrics(output.metrics, where),
+            checked_samples(output.num_samples, where),
+            checked_metrics(output.metrics, where),
             trainer.get_weights() if task.kind == TRAIN else {},
         )
 
@@ -71,35 +66,12 @@ class TrainerExecutor(Executor):
             self._trainer.release()
 
 
-def _kind(value: Any) -> str:
-    return f"{type(value).__name__} {value!r:.80}"
-
-
-def _samples(value: Any, where: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: num_samples must be an int, got {_kind(value)}")
-    if not minimum <= int(value) <= MAX_SAMPLES:
-        raise ValueError(
-            f"{where}: num_samples must be from {minimum} to {MAX_SAMPLES:.0e}, got {value} "
-            "(the count of samples the task used; it weights the site in the average)"
-        )
-    return int(value)
-
-
-def _metrics(metrics: Any, where: str) -> dict[str, float]:
-    if not isinstance(metrics, dict):
-        raise TypeError(f"{where}: metrics must be a dict of names to numbers, got {_kind(metrics)}")
-    checked = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str):
-            raise TypeError(f"{where}: metric names must be str, got {_kind(key)}")
-        if isinstance(value, (str, bytes, bool)) or value is None:
-            raise TypeError(f"{where}: metric {key!r} must be a number, got {_kind(value)}")
-        try:
-            checked[key] = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise TypeError(f"{where}: metric {key!r} must be a number, got {_kind(value)}") from None
-    return checked
+def executor_for(job: Job) -> Executor:
+    """The executor of ``job``'s site code: its training script, or its Trainer class."""
+    script = job.config.client.script
+    if script is not None:
+        return ScriptExecutor(job.dir, script, job.config.client.forward)
+    return TrainerExecutor(job)
 
 
 def job_sites(
@@ -113,7 +85,7 @@ def job_sites(
 ) -> Callable[[str], Site]:
     """Makes the :class:`~fedstream.site.site.Site` of ``job`` for a site name (its index in ``indices``, of
     ``num_sites``):
-    its context, its executor (``executor()``; a :class:`TrainerExecutor` by default), and its events sent
+    its context, its executor (``executor()``; by default :func:`executor_for` the job), and its events sent
     through ``send_events``. Every site host makes its sites with it."""
 
     def make(name: str) -> Site:
@@ -127,7 +99,7 @@ def job_sites(
             bus=EventBus(),
             log=logging.getLogger(f"fedstream.site.{name}"),
         )
-        made = executor() if executor is not None else TrainerExecutor(job)
+        made = executor() if executor is not None else executor_for(job)
         return Site(context, made, send_events, job.config.client.forward)
 
     return make

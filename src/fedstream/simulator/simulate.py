@@ -38,9 +38,11 @@ def site_names(count: int | None = None, names: Sequence[str] | None = None) -> 
 
 
 def check(job: Job, sites: Sequence[str], threads: int) -> ServerComponents:
-    """Build the server's components and the trainer once, and check them against ``sites`` and ``threads``."""
+    """Build the server's components and the trainer (if the job has one) once, and check them against
+    ``sites`` and ``threads``."""
     components = build(job, sites)
-    job.component("client.trainer").build(Trainer)
+    if "client.trainer" in job.components:
+        job.component("client.trainer").build(Trainer)
     if threads < 1:
         raise ConfigError(f"the number of sites running at once must be at least 1, got {threads}", key="-t")
     if threads > len(sites):

@@ -54,26 +54,63 @@ class SiteContext:
 
     def close(self) -> None:
         """The site has finished: later :meth:`emit` calls raise."""
+        global _live
         self._closed.set()
+        with _lock:
+            _live = [site for site in _live if site is not self]
 
 
 _current: ContextVar[SiteContext | None] = ContextVar("fedstream_site", default=None)
+_lock = threading.Lock()
+_live: list[SiteContext] = []  # the sites of this process that have not finished
+_running: SiteContext | None = None  # the site whose task this process runs now
 
 
 def current_site() -> SiteContext:
-    """The site whose task is running on this thread; raises outside of a site's task."""
-    site = _current.get()
-    if site is None:
+    """The site whose code is running.
+
+    On the thread that runs a site's task it is that site. On any other thread (one the site's code started)
+    it is the site whose task this process is running, or, between tasks, the process's only site. Raises
+    when there is none, or when several sites share the process and none is running a task.
+    """
+    site = current_site_or_none()
+    if site is not None:
+        return site
+    with _lock:
+        many = len(_live) > 1
+    if many:
         raise FedstreamError(
-            "no fedstream site is running here: tracking writers work inside a trainer's setup(), train() "
-            "and validate() (or code they call)"
+            f"{len(_live)} sites share this process and none is running a task, so a call from this thread "
+            "belongs to none of them: log from threads while a task runs (or join them before it returns)"
         )
-    return site
+    raise FedstreamError(
+        "no fedstream site is running here: tracking writers work inside a trainer's setup(), train() "
+        "and validate() or a training script (and code and threads they start)"
+    )
 
 
 def current_site_or_none() -> SiteContext | None:
-    """The current site, or ``None`` outside of a site's task (used to route log records)."""
-    return _current.get()
+    """The current site (see :func:`current_site`), or ``None`` (used to route log records)."""
+    site = _current.get()
+    if site is not None:
+        return site
+    if _running is not None:
+        return _running
+    live = _live
+    return live[0] if len(live) == 1 else None
+
+
+def register(site: SiteContext) -> None:
+    """``site`` lives in this process until :meth:`SiteContext.close`: threads without a site find it."""
+    global _live
+    with _lock:
+        _live = [*_live, site]
+
+
+def set_running(site: SiteContext | None) -> None:
+    """``site`` runs a task in this process now (``None``: no site does)."""
+    global _running
+    _running = site
 
 
 def run_as(site: SiteContext) -> Token[SiteContext | None]:

@@ -8,8 +8,10 @@ no machine-learning library.
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedstream.messages import Task, Weights
 from fedstream.site.context import SiteContext
@@ -39,6 +41,9 @@ class Executor(ABC):
     def release(self) -> None:  # noqa: B027 - optional hook
         """Called after every task: free what is not needed until the next one."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Called once when the site has finished (after its last task, or without any): end what runs."""
+
 
 class Unusable(Executor):
     """The executor of a site that cannot run the job (its own settings are wrong): every task fails with
@@ -52,3 +57,41 @@ class Unusable(Executor):
 
     def execute(self, task: Task) -> TaskOutput:
         raise self.error
+
+
+MAX_SAMPLES = 10**12
+"""More samples than any site has: a larger count is a bug that would swamp the weighted average."""
+
+
+def describe(value: Any) -> str:
+    """A value's type and the start of its repr, for error messages."""
+    return f"{type(value).__name__} {value!r:.80}"
+
+
+def checked_samples(value: Any, where: str) -> int:
+    """``value`` as a sample count (an int from 1 to :data:`MAX_SAMPLES`); ``where`` names the code that gave it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: num_samples must be an int, got {describe(value)}")
+    if not 1 <= int(value) <= MAX_SAMPLES:
+        raise ValueError(
+            f"{where}: num_samples must be from 1 to {MAX_SAMPLES:.0e}, got {value} "
+            "(the count of samples the task used; it weights the site in the average)"
+        )
+    return int(value)
+
+
+def checked_metrics(metrics: Any, where: str) -> dict[str, float]:
+    """``metrics`` as a dict of names to floats; ``where`` names the code that gave it."""
+    if not isinstance(metrics, dict):
+        raise TypeError(f"{where}: metrics must be a dict of names to numbers, got {describe(metrics)}")
+    checked = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{where}: metric names must be str, got {describe(key)}")
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError(f"{where}: metric {key!r} must be a number, got {describe(value)}")
+        try:
+            checked[key] = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"{where}: metric {key!r} must be a number, got {describe(value)}") from None
+    return checked

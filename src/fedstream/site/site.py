@@ -8,11 +8,12 @@ a result leaves, the events the task produced have been acknowledged by the serv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from fedstream.config.schema import ForwardConfig
 from fedstream.messages import EventBatch, Failure, Result, Task
-from fedstream.site.context import SiteContext, restore, run_as
+from fedstream.site.context import SiteContext, register, restore, run_as, set_running
 from fedstream.site.executor import Executor
 from fedstream.site.outbox import Forwarder, Outbox
 
@@ -46,10 +47,12 @@ class Site:
         self._executor = executor
         self._ready = False
         self._stall_timeout_s = stall_timeout_s
+        register(context)
 
     def handle(self, task: Task) -> Result:
         """Run ``task``; a failure is in the result, never raised."""
         token = run_as(self.context)
+        set_running(self.context)
         phase = task.kind
         try:
             if not self._ready:
@@ -67,6 +70,7 @@ class Site:
             try:
                 self._executor.release()
             finally:
+                set_running(None)
                 restore(token)
         if not self.outbox.flush(self._stall_timeout_s):
             self.context.log.warning(
@@ -77,9 +81,24 @@ class Site:
         return result
 
     def close(self) -> int:
-        """Deliver the remaining events and refuse new ones; returns how many could not be delivered."""
+        """End the executor, deliver the remaining events and refuse new ones; returns how many events could not
+        be delivered."""
+        try:
+            with _as(self.context):
+                self._executor.close()
+        except Exception:
+            self.context.log.exception("closing the site's executor failed")
         self.context.close()
         return self.outbox.close(self._stall_timeout_s)
+
+
+@contextlib.contextmanager
+def _as(site: SiteContext) -> Iterator[None]:
+    token = run_as(site)
+    try:
+        yield
+    finally:
+        restore(token)
 
 
 def _describe(exc: BaseException) -> str:

@@ -123,6 +123,12 @@ class MLflowWriter:
         _emit(site, [Record(ARTIFACT, path, check_text(text, ARTIFACT, path), _step(site, path, None), time.time())])
 
 
+mlflow = MLflowWriter()
+"""MLflow's fluent calls for a script: ``import mlflow`` becomes ``from fedstream import mlflow`` and every
+``mlflow.log_metric(...)``, ``mlflow.log_params(...)``, ``mlflow.set_tag(...)``, ``mlflow.log_text(...)`` call
+stays as it is."""
+
+
 class SummaryWriter:
     """TensorBoard-style tracking calls (``torch.utils.tensorboard.SummaryWriter``), streamed to the server.
 
