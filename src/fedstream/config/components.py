@@ -34,28 +34,41 @@ def import_object(path: str, key: str) -> Any:
 
 
 def args_model(cls: type) -> type[BaseModel]:
-    """A pydantic model of ``cls``'s constructor arguments (extra keys allowed only if it takes ``**kwargs``).
+    """A pydantic model of ``cls``'s constructor arguments.
 
     Each argument is a field named ``arg_<name>`` with the alias ``<name>``, so that an argument may be called
-    anything (``validate``, ``copy``, ``json``...) without clashing with pydantic's own attributes.
+    anything (``validate``, ``copy``, ``json``...) without clashing with pydantic's own attributes. A
+    constructor that passes ``**kwargs`` on to its base class takes the base's arguments too (a workflow built
+    on FedAvg takes FedAvg's); other keys are allowed only where the chain ends in a bare ``**kwargs``.
     """
+    fields: dict[str, Any] = {}
+    parameters, open_ended = _parameters(cls)
+    for param in parameters:
+        default = ... if param.default is param.empty else param.default
+        annotation = Any if param.annotation is param.empty or isinstance(param.annotation, str) else param.annotation
+        fields[f"arg_{param.name}"] = (annotation, Field(default, alias=param.name))
+    extra = "allow" if open_ended else "forbid"
+    config = ConfigDict(extra=extra, strict=True, arbitrary_types_allowed=True)  # type: ignore[typeddict-item]
+    return create_model(f"{cls.__name__}Args", __config__=config, **fields)
+
+
+def _parameters(cls: type) -> tuple[list[inspect.Parameter], bool]:
+    """The named parameters of ``cls``'s constructor, following ``**kwargs`` to the base class's, and whether
+    any other keyword is accepted."""
     try:
         signature = inspect.signature(cls, eval_str=True)
     except NameError:  # an annotation names something undefined: check the argument names only
         signature = inspect.signature(cls)
-    fields: dict[str, Any] = {}
-    extra = "forbid"
-    for name, param in signature.parameters.items():
-        if param.kind is param.VAR_KEYWORD:
-            extra = "allow"
-            continue
-        if param.kind is param.VAR_POSITIONAL:
-            continue
-        default = ... if param.default is param.empty else param.default
-        annotation = Any if param.annotation is param.empty or isinstance(param.annotation, str) else param.annotation
-        fields[f"arg_{name}"] = (annotation, Field(default, alias=name))
-    config = ConfigDict(extra=extra, strict=True, arbitrary_types_allowed=True)  # type: ignore[typeddict-item]
-    return create_model(f"{cls.__name__}Args", __config__=config, **fields)
+    own = [p for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return own, False
+    defining = [c for c in cls.__mro__ if "__init__" in vars(c)]
+    base = defining[1] if len(defining) > 1 else object
+    if base is object:
+        return own, True
+    inherited, open_ended = _parameters(base)
+    names = {p.name for p in own}
+    return own + [p for p in inherited if p.name not in names], open_ended
 
 
 def validate_args(cls: type, args: dict[str, Any], key: str) -> BaseModel:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedstream.pt.algorithms import FEDPROX_MU, SCAFFOLD_C, SCAFFOLD_DELTA_C, ProximalTerm, Scaffold
 from fedstream.pt.site_data import Cifar10Data, SiteData, batches
 from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
 
@@ -38,7 +39,8 @@ class SimpleNetwork(nn.Module):
 
 
 class HelloPTTrainer(Trainer):
-    """CrossEntropyLoss and SGD with momentum 0.9 on the site's share of CIFAR-10.
+    """CrossEntropyLoss and SGD with momentum 0.9 on the site's share of CIFAR-10; it follows FedProx's and
+    SCAFFOLD's workflows when the job runs them (:mod:`fedstream.pt.algorithms`).
 
     Args:
         epochs: local epochs per round.
@@ -75,6 +77,7 @@ class HelloPTTrainer(Trainer):
         self.device = torch.device(device)
         self.data_config = data
         self.loss = nn.CrossEntropyLoss()
+        self.scaffold = Scaffold()  # this site's control variate, used when the workflow is SCAFFOLD
 
     def setup(self) -> None:
         self.data: SiteData = self.data_config.for_site(self.site.index, self.site.num_sites)
@@ -91,6 +94,8 @@ class HelloPTTrainer(Trainer):
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
         rng = np.random.default_rng([self.data_config.seed, self.site.index, task.round])
         train = self.data.train()
+        prox = ProximalTerm(self.model, task.config.get(FEDPROX_MU, 0.0))
+        correction = self.scaffold.start(self.model, task.extra, self.lr) if SCAFFOLD_C in task.extra else None
         self.on_train_start(task)
         step = 0
         epoch_loss = 0.0
@@ -100,7 +105,9 @@ class HelloPTTrainer(Trainer):
             for x, y in batches(train, self.batch_size, shuffle=rng):
                 optimizer.zero_grad()
                 cost = self.loss(self.model(x.to(self.device)), y.to(self.device))
-                cost.backward()
+                (cost + prox()).backward()
+                if correction is not None:
+                    correction.apply()
                 optimizer.step()
                 loss = cost.item()
                 running_loss += loss
@@ -109,7 +116,8 @@ class HelloPTTrainer(Trainer):
                 step += 1
             epoch_loss = running_loss / max(seen, 1)
             self.on_epoch_end(task, epoch, step)
-        output = TrainOutput(num_samples=len(train.labels), metrics={"train_loss": epoch_loss})
+        extra = {SCAFFOLD_DELTA_C: correction.finish(step)} if correction is not None else {}
+        output = TrainOutput(num_samples=len(train.labels), metrics={"train_loss": epoch_loss}, extra=extra)
         self.on_train_end(task, output)
         return output
 

@@ -18,7 +18,7 @@ from fedstream.events import EventBus
 from fedstream.messages import TRAIN, VALIDATE, EventBatch, Task
 from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
 from fedstream.site.context import SiteContext
-from fedstream.site.executor import Executor, TaskOutput, checked_metrics, checked_samples, describe
+from fedstream.site.executor import Executor, TaskOutput, checked_extra, checked_metrics, checked_samples, describe
 from fedstream.site.script import ScriptExecutor
 from fedstream.site.site import Site
 
@@ -47,7 +47,7 @@ class TrainerExecutor(Executor):
         trainer = self._trainer
         assert trainer is not None, "setup() runs before the first task"
         trainer.set_weights(task.payload.weights)
-        info = TaskInfo(task.kind, task.round, task.num_rounds)
+        info = TaskInfo(task.kind, task.round, task.num_rounds, task.payload.config, task.payload.extra)
         if task.kind not in (TRAIN, VALIDATE):
             raise ValueError(f"a Trainer runs 'train' and 'validate' tasks, not {task.kind!r}")
         where = f"{type(trainer).__qualname__}.{task.kind}()"
@@ -59,6 +59,7 @@ class TrainerExecutor(Executor):
             checked_samples(output.num_samples, where),
             checked_metrics(output.metrics, where),
             trainer.get_weights() if task.kind == TRAIN else {},
+            checked_extra(output.extra, where) if isinstance(output, TrainOutput) else {},
         )
 
     def release(self) -> None:

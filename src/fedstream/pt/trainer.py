@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,11 +20,17 @@ from fedstream.site.context import SiteContext
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """The task being run: ``train`` or ``validate``, in ``round`` (from 1) of ``num_rounds``."""
+    """The task being run: ``train`` or ``validate``, in ``round`` (from 1) of ``num_rounds``.
+
+    ``config`` holds the workflow's settings for the task (FedProx's ``fedprox_mu``) and ``extra`` its named
+    groups of extra arrays (SCAFFOLD's ``scaffold_c``); :mod:`fedstream.pt.algorithms` reads both.
+    """
 
     name: str
     round: int
     num_rounds: int
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Weights] = field(default_factory=dict, repr=False)
 
     def global_step(self, local_step: int, steps_per_round: int) -> int:
         """A step that keeps growing across rounds: ``(round - 1) * steps_per_round + local_step``.
@@ -35,10 +42,12 @@ class TaskInfo:
 
 @dataclass(frozen=True)
 class TrainOutput:
-    """What training reports besides the weights: how many samples it trained on, and any metrics."""
+    """What training reports besides the weights: how many samples it trained on, any metrics, and named
+    groups of extra arrays the workflow asks for (SCAFFOLD's ``scaffold_delta_c``)."""
 
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Weights] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

@@ -26,43 +26,65 @@ class ModelStore:
         self.folder = folder
         self.paths: dict[str, Path] = {path.stem: path for path in sorted(folder.glob("*.pt"))}
 
-    def checkpoint(self, round: int, state: dict[str, Any]) -> None:
-        """Record that ``round`` is complete, with the workflow's ``state`` (JSON values) and the ``global``
-        model saved last (kept as a hard link: no copy, and later saves of ``global`` do not change it)."""
+    def checkpoint(self, round: int, state: dict[str, Any], arrays: dict[str, Weights] | None = None) -> None:
+        """Record that ``round`` is complete, with the workflow's ``state`` (JSON values) and named groups of
+        ``arrays`` (an optimizer's moments), and the ``global`` model saved last (kept as a hard link: no copy,
+        and later saves of ``global`` do not change it)."""
         folder = self.folder / CHECKPOINT
         folder.mkdir(parents=True, exist_ok=True)
+        arrays_file = ""
+        if arrays:  # one file per round, named in round.json: a crash between the two writes changes nothing
+            arrays_file = f"arrays-{round}.pt"
+            flat = {f"{group}/{name}": array for group, named in arrays.items() for name, array in named.items()}
+            self._write(folder / arrays_file, flat)
         partial = folder / "global.pt.partial"
         partial.unlink(missing_ok=True)
         os.link(self.paths["global"], partial)
         os.replace(partial, folder / "global.pt")
         partial = folder / "round.json.partial"
-        partial.write_text(json.dumps({"round": round, "state": state}))
+        partial.write_text(json.dumps({"round": round, "state": state, "arrays": arrays_file}))
         os.replace(partial, folder / "round.json")
+        for old in folder.glob("arrays-*.pt"):
+            if old.name != arrays_file:
+                old.unlink()
 
     def last_round(self) -> int:
         """The round of the last checkpoint; 0 if the job has none."""
         record = self.folder / CHECKPOINT / "round.json"
         return int(json.loads(record.read_text())["round"]) if record.is_file() else 0
 
-    def resume(self) -> tuple[int, dict[str, Any], Weights] | None:
-        """The last checkpoint: its round, the workflow's state and that round's global model; ``None`` if the
-        job has none (it starts from the beginning)."""
+    def resume(self) -> tuple[int, dict[str, Any], Weights, dict[str, Weights]] | None:
+        """The last checkpoint: its round, the workflow's state, that round's global model and the workflow's
+        arrays; ``None`` if the job has none (it starts from the beginning)."""
         if not self.last_round():
             return None
         import torch
 
-        data = json.loads((self.folder / CHECKPOINT / "round.json").read_text())
-        saved = torch.load(self.folder / CHECKPOINT / "global.pt")
-        return int(data["round"]), dict(data["state"]), {key: value.numpy() for key, value in saved.items()}
+        folder = self.folder / CHECKPOINT
+        data = json.loads((folder / "round.json").read_text())
+        saved = torch.load(folder / "global.pt")
+        arrays: dict[str, Weights] = {}
+        if data.get("arrays"):
+            for key, value in torch.load(folder / data["arrays"]).items():
+                group, _, name = key.partition("/")
+                arrays.setdefault(group, {})[name] = value.numpy()
+        weights = {key: value.numpy() for key, value in saved.items()}
+        return int(data["round"]), dict(data["state"]), weights, arrays
 
     def save(self, name: str, weights: Weights) -> Path:
         """Write ``weights`` as model ``name``; a reader never sees a half-written file."""
+        path = self.folder / f"{name}.pt"
+        self._write(path, weights)
+        self.paths[name] = path
+        return path
+
+    def _write(self, path: Path, weights: Weights) -> None:
         import torch
 
-        path = self.folder / f"{name}.pt"
         partial = path.with_suffix(".pt.partial")
+        name = path.stem
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({key: torch.from_numpy(value) for key, value in weights.items()}, partial)
             os.replace(partial, path)
         except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
@@ -72,5 +94,3 @@ class ModelStore:
             raise JobFailed(f"cannot save the {name} model to {path}: {why}") from exc
         finally:
             partial.unlink(missing_ok=True)
-        self.paths[name] = path
-        return path

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from fedstream.messages import Task, Weights
 from fedstream.site.context import SiteContext
 
@@ -95,3 +97,18 @@ def checked_metrics(metrics: Any, where: str) -> dict[str, float]:
         except (TypeError, ValueError, OverflowError):
             raise TypeError(f"{where}: metric {key!r} must be a number, got {describe(value)}") from None
     return checked
+
+
+def checked_extra(extra: Any, where: str) -> dict[str, Weights]:
+    """``extra`` as named groups of named numpy arrays; ``where`` names the code that gave it."""
+    if not isinstance(extra, dict):
+        raise TypeError(f"{where}: extra must be a dict of group names to arrays, got {describe(extra)}")
+    for group, arrays in extra.items():
+        if not isinstance(group, str) or not isinstance(arrays, dict):
+            raise TypeError(
+                f"{where}: extra[{group!r}] must be a dict of names to numpy arrays, got {describe(arrays)}"
+            )
+        for name, array in arrays.items():
+            if not isinstance(name, str) or not isinstance(array, np.ndarray):
+                raise TypeError(f"{where}: extra[{group!r}][{name!r}] must be a numpy array, got {describe(array)}")
+    return extra

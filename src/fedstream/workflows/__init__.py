@@ -2,5 +2,8 @@
 
 from fedstream.workflows.base import RoundSummary, Workflow
 from fedstream.workflows.fedavg import FedAvg
+from fedstream.workflows.fedopt import FedOpt
+from fedstream.workflows.fedprox import FedProx
+from fedstream.workflows.scaffold import Scaffold
 
-__all__ = ["FedAvg", "RoundSummary", "Workflow"]
+__all__ = ["FedAvg", "FedOpt", "FedProx", "RoundSummary", "Scaffold", "Workflow"]

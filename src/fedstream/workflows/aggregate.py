@@ -82,6 +82,26 @@ class WeightedAverage:
             averaged[name] = out
         return averaged
 
+    def means(self) -> dict[str, np.ndarray]:
+        """The weighted means in float64, computed in place of the sums (the average is used up)."""
+        sums = self.sums()
+        for total in sums.values():
+            flat = total.reshape(-1)
+            for start in range(0, flat.size, SLICE):
+                flat[start : start + SLICE] /= self.total_weight
+        return sums
+
+    def sums(self) -> dict[str, np.ndarray]:
+        """The weighted sums in float64 (the average is used up)."""
+        if not self.count:
+            raise ValueError("no contributions to average")
+        sums, self._sums = self._sums, {}
+        return sums
+
+    def dtype(self, name: str) -> np.dtype:
+        """The dtype of the contributions named ``name``."""
+        return self._dtypes[name]
+
 
 class MetricAverage:
     """Weighted mean of metric dicts; a key is averaged over the contributions that reported it."""

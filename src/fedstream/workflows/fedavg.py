@@ -150,8 +150,9 @@ class FedAvg(Workflow):
         first = 1
         resumed = models.resume()
         if resumed is not None:
-            done, state, weights = resumed
+            done, state, weights, arrays = resumed
             first, best = done + 1, state.get("best")
+            self.restore(arrays)
             log.info("resuming the job after round %d of %d", done, self.num_rounds)
         for round in range(first, self.num_rounds + 1):
             weights, summary = self._round(federation, models, round, weights)
@@ -161,7 +162,7 @@ class FedAvg(Workflow):
                 best = score
                 models.save("best", weights)
             federation.bus.fire(RoundCompleted(summary))
-            models.checkpoint(round, {"best": best})
+            models.checkpoint(round, {"best": best}, self.saved_arrays())
             log.info(
                 "round %d/%d done in %.1f s: %s",
                 round,
@@ -182,16 +183,16 @@ class FedAvg(Workflow):
         federation.bus.fire(RoundStarted(round, self.num_rounds))
         log.info("round %d/%d: training on %d site(s)", round, self.num_rounds, len(sampled))
 
-        average = WeightedAverage()
+        update = self.round_update(weights, federation.sites)
         like = weights
 
         def add_trained(result: Result) -> None:
             self._check_samples(result)
             check_weights(result.weights, like, finite=self.reject_non_finite)
-            average.add(result.weights, result.num_samples)
+            update.add(result)
 
-        trained = self._collect(federation, TRAIN, round, sampled, Payload(weights), add_trained)
-        weights = average.result()
+        trained = self._collect(federation, TRAIN, round, sampled, self.train_payload(weights), add_trained)
+        weights = update.result()
         models.save("global", weights)
 
         validators = federation.sites if self.validate_on == "all" else sampled
@@ -206,13 +207,29 @@ class FedAvg(Workflow):
             round=round,
             duration_s=time.monotonic() - started,
             clients=trained.sites,
-            num_samples=int(average.total_weight),
+            num_samples=int(update.average.total_weight),
             metrics=metrics.result(),
             validated=validated.sites,
             failed=trained.failed + validated.failed,
             ended_at=time.time(),
         )
         return weights, summary
+
+    # -- what the algorithms built on FedAvg change ---------------------------------------------------------------
+    def train_payload(self, weights: Weights) -> Payload:
+        """What a train task carries: the global model (and, in subclasses, settings and extra arrays)."""
+        return Payload(weights)
+
+    def round_update(self, weights: Weights, sites: Sequence[str]) -> RoundUpdate:
+        """How this round's training results (from some of ``sites``) become the next global model."""
+        return RoundUpdate(weights)
+
+    def saved_arrays(self) -> dict[str, Weights]:
+        """The algorithm's state to keep in each round's checkpoint (FedAvg has none)."""
+        return {}
+
+    def restore(self, arrays: dict[str, Weights]) -> None:
+        """Take back the state of :meth:`saved_arrays` when a job resumes from a checkpoint."""
 
     def _check_samples(self, result: Result) -> None:
         if not 1 <= result.num_samples <= self.max_samples:
@@ -272,6 +289,23 @@ class FedAvg(Workflow):
                 f"{self.min_clients} ({summarize(replies.failed) or 'no answer'}{unfinished})"
             )
         return replies
+
+
+class RoundUpdate:
+    """FedAvg's round: the next global model is the average of the trained weights, weighted by samples,
+    accumulated as results arrive."""
+
+    def __init__(self, weights: Weights) -> None:
+        self.weights = weights
+        self.average = WeightedAverage()
+
+    def add(self, result: Result) -> None:
+        """Take one site's checked training result."""
+        self.average.add(result.weights, result.num_samples)
+
+    def result(self) -> Weights:
+        """The next global model."""
+        return self.average.result()
 
 
 class RoundReplies:
