@@ -19,8 +19,7 @@ from fedstream.server.federation import Federation
 from fedstream.server.models import ModelStore
 from fedstream.site.context import SiteContext
 from fedstream.site.executor import Executor, TaskOutput
-from fedstream.workflows import FedAvg, FedOpt, Workflow
-from fedstream.workflows import Scaffold as ScaffoldWorkflow
+from fedstream.workflows import FedAvg, FedOpt, Scaffold as ScaffoldWorkflow, Workflow
 from fedstream.workflows.base import RoundCompleted, RoundSummary
 from tests.helpers import hello_job, run_cli
 from tests.local_link import LocalLink

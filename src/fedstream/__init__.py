@@ -5,8 +5,7 @@ The names here are the public API; everything else may change. They are imported
 """
 
 import importlib as _importlib
-from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
+from typing import TYPE_CHECKING as _TYPE_CHECKING, Any as _Any
 
 if _TYPE_CHECKING:
     from fedstream.errors import ConfigError, DataError, FedstreamError, JobFailed, TrackingError, TransportError

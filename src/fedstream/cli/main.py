@@ -102,8 +102,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("job", help="job folder (holds job.toml)")
     show.add_argument("--set", **OVERRIDES)
+    new = commands.add_parser(
+        "new",
+        help="write a new job folder from a template",
+        description="Write a job folder, ready for `fedstream simulate`, from a template shipped with fedstream.",
+        epilog="templates: hello-pt, hello-pt-mlflow (default), hello-pt-tb-mlflow, hello-pt-mlflow-script, "
+        "cifar10-hetero",
+    )
+    new.add_argument("folder", help="the job folder to create (must not exist, or be empty)")
+    new.add_argument("--template", default="hello-pt-mlflow", help="the template (default: hello-pt-mlflow)")
     deploy.add_parsers(commands, OVERRIDES)
     return parser
+
+
+def _new(args: argparse.Namespace, console: Console) -> int:
+    from fedstream.cli.new import new_job
+
+    folder = new_job(args.folder, args.template)
+    files = ", ".join(sorted(path.name for path in folder.iterdir()))
+    console.print(f"wrote {folder} ({files})", highlight=False, soft_wrap=True)
+    console.print(
+        f"run it:  fedstream simulate {folder} -w {folder}-workspace -n 2 -t 2", highlight=False, soft_wrap=True
+    )
+    return 0
 
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
@@ -141,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args, console)
+        if args.command == "new":
+            return _new(args, console)
         if args.command != "job":
             return deploy.run(args, console)
         from fedstream.config import load_job

@@ -7,11 +7,11 @@ with `diff train_plain.py train.py`.
 
 import argparse
 
-import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedstream import client as fl, mlflow
 from fedstream.examples.hello_pt import SimpleNetwork
 from fedstream.pt.site_data import Cifar10Data, SiteData, batches
 
@@ -82,9 +82,13 @@ def main() -> None:
     model = SimpleNetwork()
     data = load_data(args)
     mlflow.log_params({"learning_rate": args.lr, "batch_size": args.batch_size, "epochs": args.epochs})
-    for round in range(1, args.rounds + 1):
-        samples, metrics = train(model, data, args, round)
-    print("validation:", evaluate(model, data))
+    fl.init()
+    while fl.running():
+        task = fl.receive()
+        model.load_state_dict(task.weights)
+        samples, metrics = train(model, data, args, task.round) if task.is_train else evaluate(model, data)
+        fl.send(model.state_dict(), num_samples=samples, metrics=metrics)
+    print("last round:", metrics, "validation:", evaluate(model, data))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,13 @@ class MLflowHelloPT(HelloPTTrainer):
         super().setup()
         self.writer = MLflowWriter()
         self.writer.log_params(
-            {"learning_rate": self.lr, "momentum": 0.9, "batch_size": self.batch_size, "epochs": self.epochs,
-             "loss": "CrossEntropyLoss"}
+            {
+                "learning_rate": self.lr,
+                "momentum": 0.9,
+                "batch_size": self.batch_size,
+                "epochs": self.epochs,
+                "loss": "CrossEntropyLoss",
+            }
         )
         self.writer.set_tag("data", f"CIFAR-10, {len(self.data.train_indices)} training samples")
 
