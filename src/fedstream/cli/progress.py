@@ -125,6 +125,9 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
             trained = len(r["clients"]) + sum(f["phase"] != "validate" for f in r["failed"])
             table.add_row(str(r["round"]), *metrics, f"{r['duration_s']:.1f} s", f"{len(r['clients'])}/{trained}")
         console.print(table)
+    cross = result.get("cross_site_eval")
+    if cross:
+        console.print(_cross_site_table(cross))
     lines = []
     for r in rounds:
         if r["failed"]:
@@ -159,6 +162,20 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
         console.print(
             f"failed after {timing['total_s']:.1f} s: {result['error']}", style="red", soft_wrap=True, markup=False
         )
+
+
+def _cross_site_table(cross: dict[str, Any]) -> Table:
+    """The cross-site matrix of the key metric: models down, the sites that validated them across."""
+    key = cross["key_metric"]
+    table = Table(title=f"cross-site {key}", title_justify="left")
+    table.add_column("model \\ site")
+    for site in cross["sites"]:
+        table.add_column(site, justify="right")
+    for model in cross["models"]:
+        scores = cross["metrics"].get(model, {})
+        cells = [f"{scores[site][key]:.4f}" if key in scores.get(site, {}) else "-" for site in cross["sites"]]
+        table.add_row(model, *cells)
+    return table
 
 
 def print_outcome(console: Console, result: dict[str, Any]) -> None:

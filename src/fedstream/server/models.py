@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ class ModelStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.paths: dict[str, Path] = {path.stem: path for path in sorted(folder.glob("*.pt"))}
+        self.paths.update({f"local/{path.stem}": path for path in sorted(folder.glob("local/*.pt"))})
 
     def checkpoint(self, round: int, state: dict[str, Any], arrays: dict[str, Weights] | None = None) -> None:
         """Record that ``round`` is complete, with the workflow's ``state`` (JSON values) and named groups of
@@ -58,18 +60,14 @@ class ModelStore:
         arrays; ``None`` if the job has none (it starts from the beginning)."""
         if not self.last_round():
             return None
-        import torch
-
         folder = self.folder / CHECKPOINT
         data = json.loads((folder / "round.json").read_text())
-        saved = torch.load(folder / "global.pt")
         arrays: dict[str, Weights] = {}
         if data.get("arrays"):
-            for key, value in torch.load(folder / data["arrays"]).items():
+            for key, value in load_weights(folder / data["arrays"]).items():
                 group, _, name = key.partition("/")
-                arrays.setdefault(group, {})[name] = value.numpy()
-        weights = {key: value.numpy() for key, value in saved.items()}
-        return int(data["round"]), dict(data["state"]), weights, arrays
+                arrays.setdefault(group, {})[name] = value
+        return int(data["round"]), dict(data["state"]), load_weights(folder / "global.pt"), arrays
 
     def save(self, name: str, weights: Weights) -> Path:
         """Write ``weights`` as model ``name``; a reader never sees a half-written file."""
@@ -85,7 +83,10 @@ class ModelStore:
         name = path.stem
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({key: torch.from_numpy(value) for key, value in weights.items()}, partial)
+            with warnings.catch_warnings():  # a received model is a read-only view; saving only reads it
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+                tensors = {key: torch.from_numpy(value) for key, value in weights.items()}
+            torch.save(tensors, partial)
             os.replace(partial, path)
         except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
             size = sum(array.nbytes for array in weights.values())
@@ -94,3 +95,16 @@ class ModelStore:
             raise JobFailed(f"cannot save the {name} model to {path}: {why}") from exc
         finally:
             partial.unlink(missing_ok=True)
+
+
+def load_weights(path: Path) -> Weights:
+    """A saved model (a state dict of tensors) as numpy arrays."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu")
+    except Exception as exc:
+        raise JobFailed(f"cannot read the model {path}: {exc}") from exc
+    if not isinstance(saved, dict) or not all(isinstance(value, torch.Tensor) for value in saved.values()):
+        raise JobFailed(f"{path} is not a saved state dict (a dict of tensor names to tensors)")
+    return {str(key): value.numpy() for key, value in saved.items()}

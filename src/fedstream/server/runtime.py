@@ -33,6 +33,7 @@ from fedstream.server.models import ModelStore
 from fedstream.server.receiver import JobInfo, JobOutcome, Receiver
 from fedstream.server.receiver_host import ReceiverHost
 from fedstream.workflows.base import RoundCompleted, RoundStarted, RoundSummary, Workflow
+from fedstream.workflows.cross_site import CrossSiteEvaluated
 from fedstream.workspace import LOG, Workspace
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class ServerRuntime:
         self._details = details
         self._rounds: list[dict[str, Any]] = []
         self._membership: list[dict[str, Any]] = []
+        self._cross_site: dict[str, Any] | None = None
         self._round = 0
         self._finishing = False
         self._signal = 0
@@ -257,6 +259,11 @@ class ServerRuntime:
             os.replace(partial, self.workspace.server / ROUNDS)
 
         self.bus.subscribe(RoundCompleted, completed)
+
+        def cross_site(event: CrossSiteEvaluated) -> None:
+            self._cross_site = asdict(event.matrix)
+
+        self.bus.subscribe(CrossSiteEvaluated, cross_site)
         self.bus.subscribe(SiteLeft, left)
         self.bus.subscribe(SiteJoined, joined)
 
@@ -304,6 +311,7 @@ class ServerRuntime:
             **(self._details() if self._details else {}),
             "rounds": self._rounds,
             "membership": self._membership,
+            **({"cross_site_eval": self._cross_site} if self._cross_site is not None else {}),
             "models": {name: str(path) for name, path in models.paths.items()},
             "timing": {
                 "total_s": round(time.monotonic() - began, 3),

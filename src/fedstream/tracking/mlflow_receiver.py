@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,11 @@ from typing import Any
 from fedstream.errors import TrackingError
 from fedstream.events import Event, Forwarded
 from fedstream.server.receiver import BackendUnavailable, JobInfo, JobOutcome, Receiver
+from fedstream.tracking.cross_site_report import heat_map_png, matrix_csv
 from fedstream.tracking.mlflow_uri import absolute, check_syntax, check_usable, default_uri
 from fedstream.tracking.records import ARTIFACT, FED_ANALYTICS, METRIC, PARAM, TAG, Record, check_key, from_wire
 from fedstream.workflows.base import RoundCompleted
+from fedstream.workflows.cross_site import CrossSiteEvaluated, CrossSiteMatrix
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,8 @@ class MLflowReceiver(Receiver):
         max_spool_records: records held while MLflow is slower than the sites (then the sites slow down) or
             unreachable (then new records are dropped and counted).
         stop_timeout_s: at the end, how long to keep trying to write what is left.
-        events: event names to write: sites' records and the global metrics of each round.
+        events: event names to write: sites' records, the global metrics of each round and the cross-site
+            evaluation (metrics ``cross_site/<model>/<site>/<metric>``, a CSV and a heat map on the parent run).
     """
 
     def __init__(
@@ -108,7 +112,7 @@ class MLflowReceiver(Receiver):
         http_max_retries: int = 2,
         max_spool_records: int = 1_000_000,
         stop_timeout_s: float = 60.0,
-        events: list[str] = [FED_ANALYTICS, RoundCompleted.name],  # noqa: B006 - never mutated
+        events: list[str] = [FED_ANALYTICS, RoundCompleted.name, CrossSiteEvaluated.name],  # noqa: B006
     ) -> None:
         uri = absolute(check_syntax(tracking_uri.strip()))
         if not http_timeout_s > 0 or http_max_retries < 0:
@@ -181,6 +185,19 @@ class MLflowReceiver(Receiver):
                     Record(METRIC, k, float(v), summary.round, summary.ended_at) for k, v in summary.metrics.items()
                 ]
                 runs.setdefault(PARENT, []).extend((index, record) for record in records)
+            elif isinstance(event, CrossSiteEvaluated):
+                try:
+                    self._cross_site(event.matrix)
+                except Exception as exc:  # the metrics below still go in
+                    log.warning("MLflow: the cross-site evaluation's files were not stored: %s", exc)
+                    self.note(f"cross-site evaluation files not stored: {_describe(exc)}")
+                records = [
+                    Record(METRIC, f"cross_site/{model}/{site}/{key}", float(value), 0, time.time())
+                    for model, by_site in event.matrix.metrics.items()
+                    for site, metrics in by_site.items()
+                    for key, value in metrics.items()
+                ]
+                runs.setdefault(PARENT, []).extend((index, record) for record in records)
             elif isinstance(event, Forwarded):
                 try:
                     record = from_wire(event.data)
@@ -202,13 +219,21 @@ class MLflowReceiver(Receiver):
                 ) from down
             done.update(index for index, _ in items)
 
+    def _cross_site(self, matrix: CrossSiteMatrix) -> None:
+        """The matrix's files on the parent run: every value as CSV, the key metric as a heat map."""
+        run = self._runs[PARENT]
+        self._store_file(run, "cross_site_eval/matrix.csv", matrix_csv(matrix).encode())
+        picture = heat_map_png(matrix)
+        if picture is not None:
+            self._store_file(run, f"cross_site_eval/{matrix.key_metric}.png", picture)
+
     def close(self, outcome: JobOutcome) -> None:
         if self._disabled or PARENT not in self._runs:
             return
         try:
             for name, path in outcome.models.items():
                 if path.is_file():
-                    self._store_file(self._runs[PARENT], f"models/{path.name}", path.read_bytes())
+                    self._store_file(self._runs[PARENT], f"models/{name}.pt", path.read_bytes())
                     log.info("MLflow: logged the %s model %s", name, path)
             for run in self._runs.values():
                 if run.run_id:

@@ -31,6 +31,7 @@ from fedstream.server.federation import Federation
 from fedstream.server.models import ModelStore
 from fedstream.workflows.aggregate import MetricAverage, WeightedAverage, check_weights
 from fedstream.workflows.base import RoundCompleted, RoundStarted, RoundSummary, Workflow
+from fedstream.workflows.cross_site import evaluate_across_sites, saved_models
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class FedAvg(Workflow):
         stop_condition: stop early when it holds, e.g. ``"accuracy >= 0.6"``; empty never stops early.
         reject_non_finite: leave out a site whose trained weights hold NaN or infinite values.
         max_samples: the largest sample count a site may report (a larger one would swamp the average).
+        cross_site_eval: after training, have every site validate the global model and every site's last
+            local model (kept in ``models/local/``); see :mod:`fedstream.workflows.cross_site`.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class FedAvg(Workflow):
         stop_condition: str = "",
         reject_non_finite: bool = True,
         max_samples: int = 10**9,
+        cross_site_eval: bool = False,
     ) -> None:
         if num_rounds < 1:
             raise ConfigError(f"must be at least 1, got {num_rounds}", key="num_rounds")
@@ -117,6 +121,7 @@ class FedAvg(Workflow):
         self.key_metric_mode = key_metric_mode
         self.reject_non_finite = reject_non_finite
         self.max_samples = max_samples
+        self.cross_site_eval = cross_site_eval
 
     def check(self, sites: Sequence[str]) -> None:
         if self.min_clients > len(sites):
@@ -173,6 +178,14 @@ class FedAvg(Workflow):
             if self.stop is not None and self._should_stop(summary.metrics):
                 log.info("round %d: stop condition %s %s %g holds; stopping early", round, *self.stop)
                 break
+        if self.cross_site_eval:
+            evaluate_across_sites(
+                federation,
+                saved_models(models, federation.sites),
+                key_metric=self.key_metric,
+                round=models.last_round(),
+                timeout_s=self.task_timeout_s,
+            )
 
     def _round(
         self, federation: Federation, models: ModelStore, round: int, weights: Weights
@@ -190,6 +203,8 @@ class FedAvg(Workflow):
             self._check_samples(result)
             check_weights(result.weights, like, finite=self.reject_non_finite)
             update.add(result)
+            if self.cross_site_eval:
+                models.save(f"local/{result.site}", result.weights)
 
         trained = self._collect(federation, TRAIN, round, sampled, self.train_payload(weights), add_trained)
         weights = update.result()
