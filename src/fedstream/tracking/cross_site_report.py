@@ -6,6 +6,8 @@ import csv
 import io
 import logging
 
+import numpy as np
+
 from fedstream.workflows.cross_site import CrossSiteMatrix
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def heat_map_png(matrix: CrossSiteMatrix) -> bytes | None:
     for row, line in enumerate(values):
         for column, value in enumerate(line):
             if value == value:  # not NaN
-                shade = image.norm(value)  # dark text on the light end of the colour map
+                shade = float(image.norm(np.asarray(value)))  # dark text on the light end of the colour map
                 color = "black" if shade > 0.6 else "white"
                 axes.text(column, row, f"{value:.3f}", ha="center", va="center", color=color, fontsize=8)
     figure.colorbar(image, ax=axes, label=matrix.key_metric)
