@@ -6,8 +6,6 @@ import csv
 import io
 import logging
 
-import numpy as np
-
 from fedstream.workflows.cross_site import CrossSiteMatrix
 
 log = logging.getLogger(__name__)
@@ -46,10 +44,12 @@ def heat_map_png(matrix: CrossSiteMatrix) -> bytes | None:
     axes.set_yticks(range(len(matrix.models)), matrix.models)
     axes.set_xlabel("validated on")
     axes.set_ylabel("model")
+    known = [value for line in values for value in line if value == value]  # not NaN
+    low, high = (min(known), max(known)) if known else (0.0, 0.0)
     for row, line in enumerate(values):
         for column, value in enumerate(line):
-            if value == value:  # not NaN
-                shade = float(image.norm(np.asarray(value)))  # dark text on the light end of the colour map
+            if value == value:
+                shade = (value - low) / (high - low) if high > low else 0.5  # dark text on the light end
                 color = "black" if shade > 0.6 else "white"
                 axes.text(column, row, f"{value:.3f}", ha="center", va="center", color=color, fontsize=8)
     figure.colorbar(image, ax=axes, label=matrix.key_metric)
