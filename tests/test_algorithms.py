@@ -195,12 +195,12 @@ def test_the_site_helpers_on_known_tensors() -> None:
     state = Scaffold()
     model.weight.grad = torch.tensor([[1.0, 1.0]])
     start = model.weight.detach().clone()
-    correction = state.start(model, {SCAFFOLD_C: {"weight": np.array([[0.5, 0.25]], np.float32)}}, lr=0.5)
+    correction = state.start(model, {SCAFFOLD_C: {"weight": np.array([[0.5, 0.25]], np.float32)}})
     correction.apply()
     assert model.weight.grad.tolist() == [[1.5, 1.25]]  # g + c - c_i, c_i still zero
     with torch.no_grad():
         model.weight.sub_(torch.tensor([[2.0, 4.0]]))
-    delta = correction.finish(steps=2)
+    delta = correction.finish(steps=2, lr=0.5)
     # c_i+ - c_i = (x - y) / (K lr) - c = [2, 4] / 1 - c
     assert delta["weight"].tolist() == [[1.5, 3.75]]
     assert state.control["weight"].tolist() == [[1.5, 3.75]]

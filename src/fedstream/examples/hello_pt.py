@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,10 @@ class HelloPTTrainer(Trainer):
         eval_batch_size: mini-batch size for validation (no gradients, so larger is faster).
         device: ``cpu``, ``cuda`` or ``auto`` (cuda when available).
         data: which part of CIFAR-10 this site trains and validates on.
+        lr_schedule: ``constant``, or ``cosine``: the learning rate falls from ``lr`` to 0 along a cosine over
+            the whole job (every round's steps, as ``task.num_rounds`` says).
+        augment: random crops (4 pixels of zero padding) and horizontal flips of the training images.
+        weight_decay: SGD's L2 weight decay.
     """
 
     def __init__(
@@ -60,17 +67,25 @@ class HelloPTTrainer(Trainer):
         eval_batch_size: int = 500,
         device: str = "cpu",
         data: Cifar10Data = Cifar10Data(),  # noqa: B008 - immutable settings
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        augment: bool = False,
+        weight_decay: float = 0.0,
     ) -> None:
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be 0 or more, got {weight_decay}")
         if device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
+        self.lr_schedule = lr_schedule
+        self.augment = augment
+        self.weight_decay = weight_decay
         self.eval_batch_size = eval_batch_size
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,20 +105,33 @@ class HelloPTTrainer(Trainer):
     def steps_per_round(self) -> int:
         return self.epochs * -(-len(self.data.train_indices) // self.batch_size)
 
+    def learning_rate(self, task: TaskInfo, step: int) -> float:
+        """The learning rate of ``step`` (from 0) of ``task``'s round."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        done = task.global_step(step, self.steps_per_round) / (task.num_rounds * self.steps_per_round)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * done))
+
     def train(self, task: TaskInfo) -> TrainOutput:
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         rng = np.random.default_rng([self.data_config.seed, self.site.index, task.round])
         train = self.data.train()
         prox = ProximalTerm(self.model, task.config.get(FEDPROX_MU, 0.0))
-        correction = self.scaffold.start(self.model, task.extra, self.lr) if SCAFFOLD_C in task.extra else None
+        correction = self.scaffold.start(self.model, task.extra) if SCAFFOLD_C in task.extra else None
         self.on_train_start(task)
         step = 0
         epoch_loss = 0.0
+        lr_sum = 0.0
         for epoch in range(self.epochs):
             self.model.train()  # hooks may have evaluated the model in between
             running_loss, seen = 0.0, 0
             for x, y in batches(train, self.batch_size, shuffle=rng):
+                lr = self.learning_rate(task, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                lr_sum += lr
                 optimizer.zero_grad()
+                x = augment(x, rng) if self.augment else x
                 cost = self.loss(self.model(x.to(self.device)), y.to(self.device))
                 (cost + prox()).backward()
                 if correction is not None:
@@ -116,7 +144,7 @@ class HelloPTTrainer(Trainer):
                 step += 1
             epoch_loss = running_loss / max(seen, 1)
             self.on_epoch_end(task, epoch, step)
-        extra = {SCAFFOLD_DELTA_C: correction.finish(step)} if correction is not None else {}
+        extra = {SCAFFOLD_DELTA_C: correction.finish(step, lr_sum / max(step, 1))} if correction is not None else {}
         output = TrainOutput(num_samples=len(train.labels), metrics={"train_loss": epoch_loss}, extra=extra)
         self.on_train_end(task, output)
         return output
@@ -153,3 +181,42 @@ class HelloPTTrainer(Trainer):
 
     def on_train_end(self, task: TaskInfo, output: TrainOutput) -> None:
         """Called after the last epoch of a round."""
+
+
+def augment(x: torch.Tensor, rng: np.random.Generator, padding: int = 4) -> torch.Tensor:
+    """Each image of the batch ``x`` (N, C, H, W) cropped at a random offset from its zero-padded copy and
+    flipped left-right half of the time."""
+    count, _, height, width = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = rng.integers(0, 2 * padding + 1, count)
+    columns = rng.integers(0, 2 * padding + 1, count)
+    flips = rng.random(count) < 0.5
+    out = torch.empty_like(x)
+    for i in range(count):
+        crop = padded[i, :, rows[i] : rows[i] + height, columns[i] : columns[i] + width]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out
+
+
+class ConvNet(nn.Module):
+    """A stronger CNN than :class:`SimpleNetwork` that still trains on a CPU: three 3x3 conv blocks
+    (32, 64, 64 channels, ReLU, max-pool 2) and fc 1024->128->10, about 10 times SimpleNetwork's compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.classifier(self.features(x))
+        return logits

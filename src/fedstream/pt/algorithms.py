@@ -5,13 +5,13 @@ in the task's ``config``, :class:`~fedstream.workflows.Scaffold` sends its contr
 group ``scaffold_c`` and expects ``scaffold_delta_c`` back. A training loop that supports both::
 
     prox = ProximalTerm(model, task.config.get(FEDPROX_MU, 0.0))        # after loading the global weights
-    correction = scaffold.start(model, task.extra, lr) if SCAFFOLD_C in task.extra else None
+    correction = scaffold.start(model, task.extra) if SCAFFOLD_C in task.extra else None
     for x, y in batches:
         loss = criterion(model(x), y) + prox()
         loss.backward()
         if correction: correction.apply()
         optimizer.step()
-    extra = {SCAFFOLD_DELTA_C: correction.finish(steps)} if correction else {}
+    extra = {SCAFFOLD_DELTA_C: correction.finish(steps, lr)} if correction else {}
 
 Under FedAvg neither does anything.
 """
@@ -59,22 +59,21 @@ class Scaffold:
     def __init__(self) -> None:
         self.control: dict[str, torch.Tensor] = {}
 
-    def start(self, model: torch.nn.Module, extra: Mapping[str, Mapping[str, Any]], lr: float) -> ScaffoldRound:
+    def start(self, model: torch.nn.Module, extra: Mapping[str, Mapping[str, Any]]) -> ScaffoldRound:
         """Begin a round whose task carried the server's control variate (``extra[SCAFFOLD_C]``); ``model``
-        holds the global weights and trains with learning rate ``lr``."""
+        holds the global weights."""
         server = {name: torch.as_tensor(np.asarray(value)) for name, value in extra[SCAFFOLD_C].items()}
         for name, value in server.items():
             self.control.setdefault(name, torch.zeros_like(value))
-        return ScaffoldRound(self, model, server, lr)
+        return ScaffoldRound(self, model, server)
 
 
 class ScaffoldRound:
     """One round of SCAFFOLD on a site: :meth:`apply` after every backward pass, :meth:`finish` at the end."""
 
-    def __init__(self, state: Scaffold, model: torch.nn.Module, server: dict[str, torch.Tensor], lr: float) -> None:
+    def __init__(self, state: Scaffold, model: torch.nn.Module, server: dict[str, torch.Tensor]) -> None:
         self._state = state
         self._server = server
-        self._lr = lr
         named = dict(model.named_parameters())
         missing = sorted(named.keys() - server.keys())
         if missing:
@@ -89,16 +88,17 @@ class ScaffoldRound:
             if param.grad is not None:
                 param.grad.add_(self._correction[name])
 
-    def finish(self, steps: int) -> Weights:
-        """After ``steps`` local steps: update ``c_i`` and return its change (every name of the server's
-        control variate; zero for the model's buffers) to send back as ``SCAFFOLD_DELTA_C``."""
-        if steps < 1:
-            raise ValueError(f"SCAFFOLD needs at least one local step, got {steps}")
+    def finish(self, steps: int, lr: float) -> Weights:
+        """After ``steps`` local steps at (a mean) learning rate ``lr``: update ``c_i`` and return its change
+        (every name of the server's control variate; zero for the model's buffers) to send back as
+        ``SCAFFOLD_DELTA_C``."""
+        if steps < 1 or not lr > 0:
+            raise ValueError(f"SCAFFOLD needs at least one local step at a positive rate, got {steps} at {lr}")
         delta = {}
         for name, server in self._server.items():
             if name in self._params:
                 trained = self._params[name].detach()
-                change = (self._start[name] - trained) / (steps * self._lr) - server
+                change = (self._start[name] - trained) / (steps * lr) - server
             else:
                 change = torch.zeros_like(server)
             self._state.control[name] = self._state.control[name] + change

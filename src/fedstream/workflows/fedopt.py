@@ -33,9 +33,10 @@ class FedOpt(FedAvg):
     """FedAvg with a server optimiser.
 
     Args:
-        optimizer: ``sgd`` (with ``momentum``), ``adagrad``, ``adam`` or ``yogi``.
+        optimizer: ``sgd`` (with ``momentum``), ``adagrad``, ``adam`` or ``yogi``. The defaults (``sgd``,
+            ``server_lr`` 1, ``momentum`` 0.9) are FedAvg with server momentum (FedAvgM, Hsu et al., 2019).
         server_lr: the server's learning rate.
-        momentum: SGD's momentum (``sgd`` only).
+        momentum: SGD's momentum (``sgd`` only; 0 with ``server_lr`` 1 is FedAvg).
         beta1: the first-moment decay (``adagrad``, ``adam``, ``yogi``).
         beta2: the second-moment decay (``adam``, ``yogi``).
         tau: the adaptivity floor added to ``sqrt(v)`` (``adagrad``, ``adam``, ``yogi``).
@@ -47,7 +48,7 @@ class FedOpt(FedAvg):
         *,
         optimizer: Optimizer = "sgd",
         server_lr: float = 1.0,
-        momentum: float = 0.0,
+        momentum: float = 0.9,
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,
