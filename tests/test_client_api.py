@@ -205,6 +205,9 @@ def test_script_config_errors_name_the_key(tmp_path: Path) -> None:
         load_job(job, ["client.script.path=../train.py"])
     with pytest.raises(ConfigError, match=r"client.*either \[client\.trainer\]"):
         load_job(job, ["client.trainer.path=square.Square"])
+    (job / "broken.py").write_text("def train(:\n")
+    with pytest.raises(ConfigError, match=r"client\.script\.path: broken\.py is not valid Python: .* \(line 1\)"):
+        load_job(job, ["client.script.path=broken.py"])
     with pytest.raises(ConfigError, match=r"client\.script\.mode"):
         load_job(job, ["client.script.mode=fork"])
     shown = load_job(job).to_toml()

@@ -106,6 +106,8 @@ def test_poc_runs_the_job_unchanged_and_matches_simulate(tmp_path: Path, tiny_ci
     for site in ("site-1", "site-2"):  # the site's own log stays on the site
         (site_log,) = (tmp_path / "poc" / site / "jobs").glob(f"*/{site}/log.txt")
         assert "training" in site_log.read_text()
+    assert set(result["logs"]) == {"combined", "server"}, "no paths to site logs the server does not have"
+    assert "each site's own log stays on the site" in deployed.stdout
 
 
 @pytest.fixture(scope="module")

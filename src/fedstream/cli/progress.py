@@ -138,7 +138,9 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
     ws = result["logs"]["combined"].rsplit("/", 1)[0]
     lines += [f"workspace   {ws}", f"result      {ws}/result.json"]
     lines += [f"model       {name}: {path}" for name, path in result["models"].items()]
-    lines.append(f"logs        {result['logs']['combined']} (one per site in {ws}/<site>/log.txt)")
+    per_site = set(result["logs"]) - {"combined", "server"}
+    where = f"one per site in {ws}/<site>/log.txt" if per_site else "each site's own log stays on the site"
+    lines.append(f"logs        {result['logs']['combined']} ({where})")
     for name, info in result["tracking"].items():
         if isinstance(info, dict) and info.get("view"):
             lines.append(f"{name:<11} {info['view']}")

@@ -204,6 +204,16 @@ def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, s
         except ConfigError as exc:
             raise where(exc) from None
     script = config.client.script
-    if script is not None and not (folder / script.path).is_file():
-        raise where(ConfigError(f"the job folder has no {script.path}", key="client.script.path"))
+    if script is not None:
+        path = folder / script.path
+        if not path.is_file():
+            raise where(ConfigError(f"the job folder has no {script.path}", key="client.script.path"))
+        try:
+            compile(path.read_bytes(), str(path), "exec")
+        except SyntaxError as exc:
+            raise where(
+                ConfigError(
+                    f"{script.path} is not valid Python: {exc.msg} (line {exc.lineno})", key="client.script.path"
+                )
+            ) from None
     return Job(dir=folder, config=config, components=components, source=source)

@@ -323,7 +323,8 @@ class ServerRuntime:
             "logs": {
                 "combined": str(ws.log),
                 "server": str(ws.server / LOG),
-                **{site: str(ws.site(site) / LOG) for site in self.sites},
+                # sites' own logs where this workspace has them (the simulator's; deployed sites keep theirs)
+                **{site: str(ws.site(site) / LOG) for site in self.sites if (ws.site(site) / LOG).is_file()},
             },
         }
 
