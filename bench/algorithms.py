@@ -59,7 +59,7 @@ def main() -> None:
     ]
     rows = []
     for name, sets in ALGORITHMS.items():
-        ws = OUT / name.split()[0].lower()
+        ws = OUT / "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
         shutil.rmtree(ws, ignore_errors=True)
         command = fedstream("simulate", str(REPO / "jobs" / "cifar10-hetero"), "-w", str(ws), "-n", str(args.sites))
         command += ["-t", str(args.threads), "-q"]

@@ -212,3 +212,18 @@ def test_script_config_errors_name_the_key(tmp_path: Path) -> None:
         load_job(job, ["client.script.mode=fork"])
     shown = load_job(job).to_toml()
     assert "[client.script]" in shown and "trainer" not in shown
+
+
+def test_a_script_job_runs_the_same_under_poc(tmp_path: Path) -> None:
+    """The deployment runs the script job unchanged (here in process mode): the same model as the simulator."""
+    job = script_job(tmp_path, "process", rounds=2)
+    simulated = simulate(job, tmp_path / "sim")
+    deployed = run_cli("poc", str(job), "-w", str(tmp_path / "poc"), "-n", "2", "--threads", "1")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    (workspace,) = (tmp_path / "poc" / "server" / "jobs").iterdir()
+    result = read_result(workspace)
+    assert result["status"] == "completed"
+    assert [r["metrics"] for r in result["rounds"]] == [r["metrics"] for r in simulated["rounds"]]
+    assert result["tracking"]["events"]["received"] == {"site-1": 4, "site-2": 4}
+    models = [path / "server" / "models" / "global.pt" for path in (tmp_path / "sim", workspace)]
+    assert torch.equal(*(torch.load(path)["w"] for path in models))

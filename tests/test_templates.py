@@ -36,7 +36,7 @@ def test_new_never_overwrites_and_names_the_templates(tmp_path: Path) -> None:
     assert done.returncode == 2 and "already exists and is not an empty folder" in done.stderr
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     done = run_cli("new", str(tmp_path / "other"), "--template", "nope")
-    assert done.returncode == 2 and "the templates are hello-pt, " in done.stderr
+    assert done.returncode == 2 and "the templates are cifar10-hetero, hello-pt, " in done.stderr
     assert not (tmp_path / "other").exists()
 
 

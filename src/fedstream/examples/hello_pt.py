@@ -18,6 +18,9 @@ from fedstream.pt.algorithms import FEDPROX_MU, SCAFFOLD_C, SCAFFOLD_DELTA_C, Pr
 from fedstream.pt.site_data import Cifar10Data, SiteData, batches
 from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
 
+MOMENTUM = 0.9
+"""The SGD momentum of the hello-pt trainers."""
+
 
 class SimpleNetwork(nn.Module):
     """conv 3->6 k5, max-pool 2, conv 6->16 k5, max-pool 2, fc 400->120->84->10, ReLU."""
@@ -144,7 +147,10 @@ class HelloPTTrainer(Trainer):
                 step += 1
             epoch_loss = running_loss / max(seen, 1)
             self.on_epoch_end(task, epoch, step)
-        extra = {SCAFFOLD_DELTA_C: correction.finish(step, lr_sum / max(step, 1))} if correction is not None else {}
+        # SCAFFOLD's option II divides the round's displacement by the steps' total step size; momentum 0.9
+        # makes each step about 1 / (1 - 0.9) times its learning rate
+        step_size = lr_sum / max(step, 1) / (1 - MOMENTUM)
+        extra = {SCAFFOLD_DELTA_C: correction.finish(step, step_size)} if correction is not None else {}
         output = TrainOutput(num_samples=len(train.labels), metrics={"train_loss": epoch_loss}, extra=extra)
         self.on_train_end(task, output)
         return output

@@ -89,9 +89,9 @@ class ScaffoldRound:
                 param.grad.add_(self._correction[name])
 
     def finish(self, steps: int, lr: float) -> Weights:
-        """After ``steps`` local steps at (a mean) learning rate ``lr``: update ``c_i`` and return its change
-        (every name of the server's control variate; zero for the model's buffers) to send back as
-        ``SCAFFOLD_DELTA_C``."""
+        """After ``steps`` local steps of (mean) size ``lr`` per unit of gradient: update ``c_i`` and return its
+        change (every name of the server's control variate; zero for the model's buffers) to send back as
+        ``SCAFFOLD_DELTA_C``. With SGD momentum ``m``, a step moves about ``lr / (1 - m)``: pass that."""
         if steps < 1 or not lr > 0:
             raise ValueError(f"SCAFFOLD needs at least one local step at a positive rate, got {steps} at {lr}")
         delta = {}

@@ -77,11 +77,12 @@ def current_site() -> SiteContext:
     if site is not None:
         return site
     with _lock:
-        many = len(_live) > 1
-    if many:
+        many = len(_live)
+    if many > 1:
         raise FedstreamError(
-            f"{len(_live)} sites share this process and none is running a task, so a call from this thread "
-            "belongs to none of them: log from threads while a task runs (or join them before it returns)"
+            f"no fedstream site is running here: {many} sites share this process and none is running a task, so "
+            "a call from this thread belongs to none of them (log from threads while a task runs, or join them "
+            "before it returns)"
         )
     raise FedstreamError(
         "no fedstream site is running here: tracking writers work inside a trainer's setup(), train() "
