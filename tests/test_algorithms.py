@@ -14,7 +14,7 @@ from fedstream.config import load_job
 from fedstream.errors import ConfigError
 from fedstream.events import EventBus
 from fedstream.messages import Task
-from fedstream.pt.algorithms import SCAFFOLD_C, SCAFFOLD_DELTA_C, ProximalTerm, Scaffold
+from fedstream.pt.algorithms import SCAFFOLD_C, SCAFFOLD_DELTA_C, ProximalTerm, ScaffoldState
 from fedstream.server.federation import Federation
 from fedstream.server.models import ModelStore
 from fedstream.site.context import SiteContext
@@ -192,7 +192,7 @@ def test_the_site_helpers_on_known_tensors() -> None:
     assert float(torch.as_tensor(prox()).detach()) == 0.5 / 2 * (1 + 4)
     assert ProximalTerm(model, 0.0)() == 0.0
 
-    state = Scaffold()
+    state = ScaffoldState()
     model.weight.grad = torch.tensor([[1.0, 1.0]])
     start = model.weight.detach().clone()
     correction = state.start(model, {SCAFFOLD_C: {"weight": np.array([[0.5, 0.25]], np.float32)}})

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedstream.pt.algorithms import FEDPROX_MU, SCAFFOLD_C, SCAFFOLD_DELTA_C, ProximalTerm, Scaffold
+from fedstream.pt.algorithms import FEDPROX_MU, SCAFFOLD_C, SCAFFOLD_DELTA_C, ProximalTerm, ScaffoldState
 from fedstream.pt.site_data import Cifar10Data, SiteData, batches
 from fedstream.pt.trainer import TaskInfo, Trainer, TrainOutput, ValidationOutput
 
@@ -95,7 +95,7 @@ class HelloPTTrainer(Trainer):
         self.device = torch.device(device)
         self.data_config = data
         self.loss = nn.CrossEntropyLoss()
-        self.scaffold = Scaffold()  # this site's control variate, used when the workflow is SCAFFOLD
+        self.scaffold = ScaffoldState()  # this site's control variate, used when the workflow is SCAFFOLD
 
     def setup(self) -> None:
         self.data: SiteData = self.data_config.for_site(self.site.index, self.site.num_sites)

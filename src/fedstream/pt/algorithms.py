@@ -2,7 +2,8 @@
 
 The server's workflow says what a round asks for: :class:`~fedstream.workflows.FedProx` puts ``fedprox_mu``
 in the task's ``config``, :class:`~fedstream.workflows.Scaffold` sends its control variate as the extra
-group ``scaffold_c`` and expects ``scaffold_delta_c`` back. A training loop that supports both::
+group ``scaffold_c`` and expects ``scaffold_delta_c`` back. A training loop that supports both, with
+``scaffold = ScaffoldState()`` made once per site (it keeps the site's control variate across rounds)::
 
     prox = ProximalTerm(model, task.config.get(FEDPROX_MU, 0.0))        # after loading the global weights
     correction = scaffold.start(model, task.extra) if SCAFFOLD_C in task.extra else None
@@ -28,7 +29,7 @@ from fedstream.messages import Weights
 from fedstream.workflows.fedprox import FEDPROX_MU
 from fedstream.workflows.scaffold import SCAFFOLD_C, SCAFFOLD_DELTA_C
 
-__all__ = ["FEDPROX_MU", "SCAFFOLD_C", "SCAFFOLD_DELTA_C", "ProximalTerm", "Scaffold", "ScaffoldRound"]
+__all__ = ["FEDPROX_MU", "SCAFFOLD_C", "SCAFFOLD_DELTA_C", "ProximalTerm", "ScaffoldRound", "ScaffoldState"]
 
 
 class ProximalTerm:
@@ -52,7 +53,7 @@ class ProximalTerm:
         return self.mu / 2 * total
 
 
-class Scaffold:
+class ScaffoldState:
     """A site's SCAFFOLD state (Karimireddy et al., 2020, option II): its control variate ``c_i``, kept
     across rounds (zero at first), and the correction of each round's gradients."""
 
@@ -71,7 +72,7 @@ class Scaffold:
 class ScaffoldRound:
     """One round of SCAFFOLD on a site: :meth:`apply` after every backward pass, :meth:`finish` at the end."""
 
-    def __init__(self, state: Scaffold, model: torch.nn.Module, server: dict[str, torch.Tensor]) -> None:
+    def __init__(self, state: ScaffoldState, model: torch.nn.Module, server: dict[str, torch.Tensor]) -> None:
         self._state = state
         self._server = server
         named = dict(model.named_parameters())

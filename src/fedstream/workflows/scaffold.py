@@ -4,7 +4,7 @@ removes the drift FedAvg suffers on heterogeneous data.
 The server keeps a control variate ``c`` (one array per floating-point array of the model, zero at first)
 and sends it with every train task as the extra group ``scaffold_c``. A site trains with corrected gradients
 ``g + c - c_i``, updates its own ``c_i`` (option II of the paper) and returns the change as
-``scaffold_delta_c`` (:class:`fedstream.pt.algorithms.Scaffold` does the site's part). The server averages
+``scaffold_delta_c`` (:class:`fedstream.pt.algorithms.ScaffoldState` does the site's part). The server averages
 the models as FedAvg does (weighted by samples; a global learning rate of 1) and sets
 ``c = c + sum(delta_c_i) / N`` over the round's sites, ``N`` being all the job's sites.
 """
@@ -66,7 +66,7 @@ class _ScaffoldUpdate(RoundUpdate):
         if change is None:
             raise ValueError(
                 f"SCAFFOLD needs the site's control-variate change (extra {SCAFFOLD_DELTA_C!r}); its trainer or "
-                "script does not send one (see fedstream.pt.algorithms.Scaffold)"
+                "script does not send one (see fedstream.pt.algorithms.ScaffoldState)"
             )
         check_weights(change, self._workflow.control)
         super().add(result)
