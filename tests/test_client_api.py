@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,12 @@ SCRIPT = """
 import sys
 import threading
 
+import torch
+
 from fedstream import client as fl, mlflow
 
 site_name, misbehaving, behaviour = sys.argv[1], sys.argv[2], sys.argv[3]
+print("torch threads", torch.get_num_threads())
 fl.init()
 value = {"site-1": 1.0, "site-2": 2.0}[fl.site().name]
 assert fl.site().name == site_name
@@ -113,7 +117,10 @@ def test_a_script_trains_validates_and_logs_from_its_threads(tmp_path: Path, mod
     assert result["tracking"]["events"]["received"] == {"site-1": 4, "site-2": 4}
     board = result["tracking"]["tensorboard"]
     assert board["written"] == board["received"] and board["dropped"] == 0
-    assert "script done" in (tmp_path / "ws" / "site-1" / "log.txt").read_text()
+    log = (tmp_path / "ws" / "site-1" / "log.txt").read_text()
+    assert "script done" in log
+    # the worker's share of the cores, also in a process of its own (PyTorch's default would take them all)
+    assert f"torch threads {max(1, (os.cpu_count() or 1) // 2)}" in log
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

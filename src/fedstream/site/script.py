@@ -318,7 +318,7 @@ class _ProcessRunner(_Runner):
         self._process = subprocess.Popen(
             [sys.executable, "-c", "from fedstream.site.script import launch; launch()", *executor.argv(site)],
             pass_fds=(theirs.fileno(),),
-            env={**os.environ, ENV: json.dumps(info), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, ENV: json.dumps(info), "PYTHONUNBUFFERED": "1", **_thread_settings()},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -468,6 +468,13 @@ class _Tail(logging.Handler):
 
     def lines(self) -> list[str]:
         return list(self._lines)
+
+
+def _thread_settings() -> dict[str, str]:
+    """The site's PyTorch thread count for the script's process (the simulator gives each worker its share of
+    the cores; a script with PyTorch's default would use them all and fight the other sites for them)."""
+    torch = sys.modules.get("torch")
+    return {"OMP_NUM_THREADS": str(torch.get_num_threads())} if torch is not None else {}
 
 
 def _where(exc: BaseException, path: Path) -> str:
