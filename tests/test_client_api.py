@@ -17,6 +17,8 @@ from fedstream.errors import ConfigError
 from tests.helpers import REPO, hello_job, read_result, run_cli, write_job
 
 SCRIPT = """
+import os
+import signal
 import sys
 import threading
 
@@ -42,6 +44,9 @@ while fl.running():
     if bad and behaviour == "exit":
         print("leaving early")
         sys.exit(3)
+    if bad and behaviour == "kill":
+        print("killing myself")
+        os.kill(os.getpid(), signal.SIGKILL)
     if bad and behaviour == "receive-twice":
         fl.receive()
     thread = threading.Thread(target=mlflow.log_metric, args=("from_thread", value), kwargs={"step": task.round})
@@ -146,6 +151,15 @@ def test_a_script_that_exits_early_fails_its_later_tasks(tmp_path: Path, mode: s
     assert early["site"] == "site-1"
     assert ("sys.exit(3)" if mode == "thread" else "exited with code 3") in early["reason"]
     assert "leaving early" in early["reason"]
+
+
+def test_a_killed_script_process_fails_its_task_and_the_site_goes_on(tmp_path: Path) -> None:
+    result = simulate(script_job(tmp_path, "process", misbehaving="site-2", behaviour="kill"), tmp_path / "ws")
+    assert result["status"] == "completed", result["error"]
+    (killed,) = failures(result)[2]
+    assert "train.py was killed by signal 9 without answering the train task of round 2" in killed["reason"]
+    assert "killing myself" in killed["reason"]
+    assert result["membership"] == [], "the site's own process lives on"
 
 
 def test_a_script_that_asks_for_a_task_before_answering_fails_that_task(tmp_path: Path) -> None:

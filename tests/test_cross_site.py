@@ -154,6 +154,9 @@ def test_the_matrix_reaches_result_json_mlflow_and_the_summary(tmp_path: Path) -
     )
     done = run_cli("simulate", str(job), "-w", str(tmp_path / "ws"), "-n", "2")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        f"each site's last local model (2): {tmp_path / 'ws' / 'server' / 'models' / 'local'}/<site>.pt" in done.stdout
+    )
     assert "cross-site accuracy" in done.stdout and "│ site-2       │ 2.0000 │ 3.0000 │" in done.stdout
     cross = read_result(tmp_path / "ws")["cross_site_eval"]
     # global 1.5; site-1's model 1, site-2's 2; validated on site-1 (+0) and site-2 (+1)

@@ -137,7 +137,11 @@ def print_summary(console: Console, result: dict[str, Any]) -> None:
         lines.append(f"round {entry['round']:<5} {entry['site']} {what}")
     ws = result["logs"]["combined"].rsplit("/", 1)[0]
     lines += [f"workspace   {ws}", f"result      {ws}/result.json"]
-    lines += [f"model       {name}: {path}" for name, path in result["models"].items()]
+    local = {name: path for name, path in result["models"].items() if name.startswith("local/")}
+    lines += [f"model       {name}: {path}" for name, path in result["models"].items() if name not in local]
+    if local:  # each site's last model, kept for the cross-site evaluation: one line, however many sites
+        folder = next(iter(local.values())).rsplit("/", 1)[0]
+        lines.append(f"models      each site's last local model ({len(local)}): {folder}/<site>.pt")
     per_site = set(result["logs"]) - {"combined", "server"}
     where = f"one per site in {ws}/<site>/log.txt" if per_site else "each site's own log stays on the site"
     lines.append(f"logs        {result['logs']['combined']} ({where})")
