@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import json
 import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fedstream.config import load_job
 from fedstream.deploy import protocol
 from fedstream.deploy.admin import Admin
 from fedstream.deploy.kit import Kit, load_kit
-from fedstream.deploy.poc import federation, poc_project
+from fedstream.deploy.poc import LocalFederation, federation, free_port, poc_project
 from fedstream.deploy.provision import Authority, provision
-from fedstream.deploy.server import pack_job
+from fedstream.deploy.server import ENDED, pack_job
 from fedstream.deploy.signing import sign_job
+from fedstream.deploy.site_link import GrpcSiteLink
 from fedstream.errors import ConfigError, FedstreamError, TransportError
-from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job, wait_for
+from fedstream.pt.executor import job_sites
+from fedstream.site.host import SiteHost
+from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job, wait_for, write_job
 from tests.tcp_proxy import TcpProxy
 
 TINY = [
@@ -373,3 +379,69 @@ def test_an_expired_certificate_is_refused_with_a_hint(deployment: Any, tmp_path
     stale = Kit(kit.folder, kit.config, expired.public_bytes(serialization.Encoding.PEM), kit.key, kit.ca)
     with pytest.raises(TransportError, match="did not accept this kit's certificate"):
         Admin(stale, admin.address).jobs()
+
+
+MANY = """
+import torch
+
+from fedstream import Trainer, TrainOutput, ValidationOutput
+
+
+class ManyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+
+class ManyIdle(Trainer):
+    def train(self, task):
+        return TrainOutput(num_samples=1)
+
+    def validate(self, task):
+        return ValidationOutput(num_samples=1, metrics={"accuracy": 1.0})
+"""
+
+
+def test_a_server_serves_more_sites_than_a_small_thread_pool_would(tmp_path: Path) -> None:
+    """Every connected site holds a long poll (60 s here). With 80 sites, the round must not wait for polls to
+    time out before the sites' results get a thread (it did with a pool of 64 threads)."""
+    count = 80
+    project = poc_project(count, free_port())
+    kits = tmp_path / "kits"
+    provision(project, kits)
+    command = [sys.executable, "-m", "fedstream", "server", "start", str(kits / "server")]
+    command += ["-w", str(tmp_path / "server"), "--listen", f"127.0.0.1:{project.server.port}"]
+    job_dir = write_job(
+        tmp_path / "job",
+        """
+        name = "many"
+        [model]
+        path = "many_sites_job.ManyModel"
+        [server.workflow]
+        path = "fedstream.workflows.FedAvg"
+        [server.workflow.args]
+        num_rounds = 2
+        min_clients = 80
+        [client.trainer]
+        path = "many_sites_job.ManyIdle"
+        """,
+        {"many_sites_job.py": MANY},
+    )
+    local = LocalFederation(tmp_path, {"server": command}, {})
+    try:
+        local.admin.wait_ready(60)
+        sites = [f"site-{i}" for i in range(1, count + 1)]
+        job_id = local.admin.submit(job_dir, [], sites)
+        job = load_job(job_dir)
+        indices = {site: i for i, site in enumerate(sites)}
+
+        def serve(site: str) -> None:
+            link = GrpcSiteLink(load_kit(kits / site, "site"), job_id, poll_s=60)
+            SiteHost(link, [site], job_sites(job, job_id, indices, count, tmp_path / "sites", link.send_events)).serve()
+
+        for site in sites:
+            threading.Thread(target=serve, args=(site,), daemon=True).start()
+        wait_for(lambda: local.admin.status(job_id)["state"] in ENDED, "the job to end", timeout_s=50)
+        assert local.admin.status(job_id)["state"] == "completed"
+    finally:
+        local.stop()
