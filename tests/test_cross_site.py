@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fedstream.errors import JobFailed
+from fedstream.errors import ConfigError, JobFailed
 from fedstream.events import EventBus
 from fedstream.messages import Task
 from fedstream.server.federation import Federation
@@ -91,6 +91,16 @@ def test_a_site_that_cannot_validate_a_model_leaves_a_hole_not_a_failed_job(tmp_
     (failure,) = matrix.failed
     assert failure.site == "site-3" and failure.phase == "cross-site validation of five"
     assert "site-3 cannot read this model" in failure.reason
+
+
+def test_cross_site_eval_arguments_name_the_model(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(2, 2)}, tmp_path / "m.pt")
+    with pytest.raises(ConfigError, match=r"models\.\.\./x: a model's name is 1-64 letters"):
+        CrossSiteEval(models={"../x": str(tmp_path / "m.pt")})
+    with pytest.raises(ConfigError, match=r"models\.gone: no model file"):
+        CrossSiteEval(models={"gone": str(tmp_path / "gone.pt")})
+    with pytest.raises(ConfigError, match=r"models: name at least one model"):
+        CrossSiteEval(models={})
 
 
 def test_a_saved_model_of_another_shape_is_refused_before_it_is_sent(tmp_path: Path) -> None:

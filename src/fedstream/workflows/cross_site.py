@@ -111,6 +111,11 @@ class CrossSiteEval(Workflow):
         if not models:
             raise ConfigError('name at least one model: models = { global = "/path/to/global.pt" }', key="models")
         for name, path in models.items():
+            if not (0 < len(name) <= 64 and all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in name)):
+                raise ConfigError(
+                    f"a model's name is 1-64 letters, digits, '-', '_' or '.' (it names metrics), got {name!r}",
+                    key=f"models.{name}",
+                )
             if not Path(path).expanduser().is_file():
                 raise ConfigError(f"no model file {path}", key=f"models.{name}")
         if not (math.isfinite(task_timeout_s) and task_timeout_s >= 0):
