@@ -47,6 +47,8 @@ while fl.running():
     if bad and behaviour == "kill":
         print("killing myself")
         os.kill(os.getpid(), signal.SIGKILL)
+    if bad and behaviour == "bad-dtype":
+        fl.send({"w": w.numpy().astype("U4")}, num_samples=1)
     if bad and behaviour == "receive-twice":
         fl.receive()
     thread = threading.Thread(target=mlflow.log_metric, args=("from_thread", value), kwargs={"step": task.round})
@@ -160,6 +162,13 @@ def test_a_killed_script_process_fails_its_task_and_the_site_goes_on(tmp_path: P
     assert "train.py was killed by signal 9 without answering the train task of round 2" in killed["reason"]
     assert "killing myself" in killed["reason"]
     assert result["membership"] == [], "the site's own process lives on"
+
+
+def test_weights_that_cannot_travel_are_refused_at_the_call(tmp_path: Path) -> None:
+    result = simulate(script_job(tmp_path, "thread", misbehaving="site-2", behaviour="bad-dtype"), tmp_path / "ws")
+    (failure,) = failures(result)[2]
+    assert "TypeError: fl.send(): weights['w'] has dtype <U4, which cannot be sent (train.py, line" in failure["reason"]
+    assert result["membership"] == [], "the worker lives on"
 
 
 def test_a_script_that_asks_for_a_task_before_answering_fails_that_task(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from fedstream.messages import TRAIN, VALIDATE, Task, Weights
 from fedstream.site.context import SiteContext
 from fedstream.site.executor import TaskOutput, checked_metrics, checked_samples, describe
 from fedstream.site.script import Session, connect, current_session
+from fedstream.wire import sendable
 
 if TYPE_CHECKING:
     import torch
@@ -155,5 +156,7 @@ def _arrays(values: Mapping[str, Any], what: str, session: Session) -> Weights:
             value = value.detach().cpu().numpy()
         if not isinstance(value, np.ndarray):
             raise TypeError(f"fl.send(): {what}[{name!r}] must be a tensor or a numpy array, got {describe(value)}")
+        if not sendable(value.dtype):
+            raise TypeError(f"fl.send(): {what}[{name!r}] has dtype {value.dtype}, which cannot be sent")
         arrays[name] = value.copy() if session.shares_memory else value
     return arrays

@@ -101,6 +101,11 @@ _DTYPES = {
 _NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}
 
 
+def sendable(dtype: np.dtype) -> bool:
+    """Whether arrays of ``dtype`` can travel (the safetensors dtypes numpy has)."""
+    return dtype.newbyteorder("=") in _NAMES
+
+
 def _safetensors(arrays: dict[str, np.ndarray], offset: int) -> list[bytes | memoryview]:
     """The safetensors body of ``arrays`` as pieces, for a body that starts ``offset`` bytes into the frame:
     tensors by descending item size, after a header padded so that each tensor's data is aligned."""
