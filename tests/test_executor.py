@@ -100,6 +100,12 @@ def answer(tmp_path: Path, args: str, kind: str = "train") -> str:
         ("validate = \"ValidationOutput(0, {'accuracy': 1.0})\"", "validate", "validate(): num_samples must be"),
         ('validate = "TrainOutput(1)"', "validate", "must return a fedstream.ValidationOutput, got TrainOutput"),
         ('fail = "exit"', "train", "train: the site's code called sys.exit(3)"),
+        ('train = "TrainOutput(1, extra=[1])"', "train", "extra must be a dict of group names to arrays, got list"),
+        (
+            "train = \"TrainOutput(1, extra={'g': {'x': __import__('numpy').array(['a'])}})\"",
+            "train",
+            "TypeError: extra['g']['x'] has dtype <U1, which cannot be sent",
+        ),
         ("", "evaluate", "a Trainer runs 'train' and 'validate' tasks, not 'evaluate'"),
     ],
 )

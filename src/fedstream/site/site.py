@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from fedstream.config.schema import ForwardConfig
 from fedstream.messages import EventBatch, Failure, Result, Task
 from fedstream.site.context import SiteContext, register, restore, run_as, set_running
-from fedstream.site.executor import Executor
+from fedstream.site.executor import Executor, TaskOutput
 from fedstream.site.outbox import Forwarder, Outbox
+from fedstream.wire import sendable
 
 SETUP = "setup"
 
@@ -60,6 +61,7 @@ class Site:
                 self._executor.setup(self.context)
                 self._ready, phase = True, task.kind
             output = self._executor.execute(task)
+            _check_sendable(output)
             result = Result(
                 task.id, self.context.name, output.num_samples, output.metrics, output.weights, output.extra
             )
@@ -90,6 +92,16 @@ class Site:
             self.context.log.exception("closing the site's executor failed")
         self.context.close()
         return self.outbox.close(self._stall_timeout_s)
+
+
+def _check_sendable(output: TaskOutput) -> None:
+    """Raise unless every array of ``output`` can travel: found here, it fails the task; found while the
+    result is encoded, it would take the site's process down."""
+    groups = {"weights": output.weights, **{f"extra[{name!r}]": group for name, group in output.extra.items()}}
+    for what, arrays in groups.items():
+        for name, array in arrays.items():
+            if not sendable(array.dtype):
+                raise TypeError(f"{what}[{name!r}] has dtype {array.dtype}, which cannot be sent")
 
 
 @contextlib.contextmanager
