@@ -129,14 +129,14 @@ class HelloPTTrainer(Trainer):
             self.model.train()  # hooks may have evaluated the model in between
             running_loss, seen = 0.0, 0
             for x, y in batches(train, self.batch_size, shuffle=rng):
-                lr = self.learning_rate(task, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                lr_sum += lr
+                if self.lr_schedule != "constant":
+                    for group in optimizer.param_groups:
+                        group["lr"] = self.learning_rate(task, step)
+                lr_sum += optimizer.param_groups[0]["lr"]
                 optimizer.zero_grad()
                 x = augment(x, rng) if self.augment else x
                 cost = self.loss(self.model(x.to(self.device)), y.to(self.device))
-                (cost + prox()).backward()
+                (cost + prox() if prox.mu else cost).backward()  # FedAvg's step stays as it was
                 if correction is not None:
                     correction.apply()
                 optimizer.step()
