@@ -98,10 +98,6 @@ class WeightedAverage:
         sums, self._sums = self._sums, {}
         return sums
 
-    def dtype(self, name: str) -> np.dtype:
-        """The dtype of the contributions named ``name``."""
-        return self._dtypes[name]
-
 
 class MetricAverage:
     """Weighted mean of metric dicts; a key is averaged over the contributions that reported it."""

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fedstream.errors import ConfigError
-from fedstream.messages import Result, Weights
+from fedstream.messages import Weights
 from fedstream.workflows.fedavg import FedAvg, RoundUpdate
 
 Optimizer = Literal["sgd", "adagrad", "adam", "yogi"]
@@ -113,14 +113,10 @@ class _OptimizedUpdate(RoundUpdate):
         super().__init__(weights)
         self._workflow = workflow
 
-    def add(self, result: Result) -> None:
-        self.average.add(result.weights, result.num_samples)
-
     def result(self) -> Weights:
-        dtypes = {name: self.average.dtype(name) for name in self.weights}
         updated = {}
         for name, mean in self.average.means().items():
-            dtype = dtypes[name]
+            dtype = self.weights[name].dtype  # every result was checked against the global model's dtypes
             if np.issubdtype(dtype, np.floating):
                 value = self._workflow.step(name, self.weights[name].astype(np.float64), mean)
             else:
