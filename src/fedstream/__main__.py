@@ -1,7 +1,5 @@
 """``python -m fedstream``: the same as the ``fedstream`` command."""
 
-import sys
+from fedstream.cli import run
 
-from fedstream.cli import main
-
-sys.exit(main())
+run()

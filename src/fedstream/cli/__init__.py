@@ -1,5 +1,5 @@
 """The ``fedstream`` command line."""
 
-from fedstream.cli.main import main
+from fedstream.cli.main import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

@@ -81,7 +81,7 @@ class Client:
         channel = protocol.channel(self.kit)
         next_job = channel.unary_stream(protocol.method("NextJob"))
         self._decline = channel.unary_unary(protocol.method("Decline"))
-        backoff, problem = Backoff(), ""
+        backoff, problem = Backoff(channel), ""
         self._spare = self._child()
         try:
             while not self._stop.is_set():
@@ -92,7 +92,7 @@ class Client:
                     if explained != problem:
                         log.error("cannot get work from the server: %s; retrying", explained)
                         problem = explained
-                    backoff.wait(self._stop)
+                    backoff.wait(self._stop, exc)
                     continue
                 if problem:
                     log.info("connected to %s", self.kit.config.server)
@@ -209,3 +209,4 @@ def _keys(overrides: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     site_main(sys.argv[1])
+    os._exit(0)  # all is sent and logged: skip PyTorch's second-long teardown

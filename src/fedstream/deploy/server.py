@@ -244,12 +244,12 @@ class FederationServer:
         self.root.mkdir(parents=True, exist_ok=True)
         logs.setup_server(self.root, self._console)
         self._restore()
-        import torch  # noqa: F401 - every job needs it; imported here, never by two threads at once
-
         self._grpc.start()
         log.info("fedstream %s server %s listening on %s", __version__, self.kit.name, self.listen)
         try:
             with sigterm_as_interrupt():
+                with self._load_lock:  # every job needs torch: imported once, while sites connect, before a job loads
+                    import torch  # noqa: F401
                 while True:
                     record = self._next_queued()
                     if record is not None and self._start(record) == EXIT_INTERRUPTED:
@@ -257,7 +257,7 @@ class FederationServer:
         except KeyboardInterrupt:
             log.info("interrupted; stopping")
         finally:
-            self._grpc.stop(grace=0.5).wait()
+            self._grpc.stop(grace=0.1).wait()  # long polls are cut; sites retry
         return EXIT_INTERRUPTED
 
     def _restore(self) -> None:

@@ -14,6 +14,7 @@ import logging
 import random
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -28,19 +29,41 @@ from fedstream.wire import decode, encode_parts
 log = logging.getLogger(__name__)
 
 JOB = "fedstream-job"  # metadata: the job a call is about
+MIN_RETRY_S = 0.2  # the least time between two attempts
 
 
 class Backoff:
-    """Jittered exponential waits between attempts, from ``first_s`` up to ``max_s``."""
+    """Jittered exponential waits between attempts, from ``first_s`` up to ``max_s``, that end early once
+    ``channel`` connects: gRPC keeps reconnecting in the background (every 0.2 s at first, see
+    :data:`protocol.OPTIONS`), so a server that comes up is used at once rather than after the wait."""
 
-    def __init__(self, first_s: float = 0.5, max_s: float = 30.0) -> None:
+    def __init__(self, channel: grpc.Channel, first_s: float = 0.5, max_s: float = 30.0) -> None:
+        self.channel = channel
         self.first_s, self.max_s, self.next_s = first_s, max_s, first_s
 
-    def wait(self, stop: threading.Event) -> bool:
-        """Wait the next interval; ``True`` if ``stop`` was set meanwhile."""
+    def wait(self, stop: threading.Event, exc: grpc.RpcError | None = None) -> bool:
+        """Wait the next interval, or less when ``exc`` says the connection is down and it comes up;
+        ``True`` if ``stop`` was set meanwhile."""
         delay = self.next_s * random.uniform(0.5, 1.0)
         self.next_s = min(self.max_s, self.next_s * 2)
-        return stop.wait(delay)
+        unreachable = isinstance(exc, grpc.Call) and exc.code() is grpc.StatusCode.UNAVAILABLE
+        if not unreachable:
+            return stop.wait(delay)
+        floor = min(delay, MIN_RETRY_S)  # a server that answers UNAVAILABLE while connected is not hammered
+        if stop.wait(floor):
+            return True
+        ready = grpc.channel_ready_future(self.channel)
+        deadline = time.monotonic() + delay - floor
+        try:
+            while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                try:
+                    ready.result(timeout=min(left, 0.5))
+                    break
+                except grpc.FutureTimeoutError:
+                    continue
+        finally:
+            ready.cancel()
+        return stop.is_set()
 
     def reset(self) -> None:
         self.next_s = self.first_s
@@ -96,7 +119,7 @@ class GrpcSiteLink:
     # -- inside ------------------------------------------------------------------------------------------------
     def _rejoin(self) -> None:
         """Join the job (again); waits through connection problems."""
-        backoff = Backoff()
+        backoff = Backoff(self._channel)
         with self._join_lock:
             while not self._stop.is_set():
                 try:
@@ -106,11 +129,11 @@ class GrpcSiteLink:
                     if self._fatal(exc):
                         return
                     log.warning("cannot join the job: %s", protocol.explain(exc, self._kit.config.server))
-                    backoff.wait(self._stop)
+                    backoff.wait(self._stop, exc)
 
     def _polling(self) -> None:
         assert self._endpoint is not None
-        backoff = Backoff()
+        backoff = Backoff(self._channel)
         while not self._stop.is_set():
             request = protocol.to_json({"have": self._have, "wait_s": self._poll_s})
             try:
@@ -122,7 +145,7 @@ class GrpcSiteLink:
                 if self._rejoined(exc):
                     continue
                 log.warning("lost the server: %s; retrying", protocol.explain(exc, self._kit.config.server))
-                backoff.wait(self._stop)
+                backoff.wait(self._stop, exc)
                 continue
             except (protocol.TooLarge, TransportError) as exc:
                 log.error("the server sent a message this site refuses: %s", exc)
@@ -140,7 +163,7 @@ class GrpcSiteLink:
                 return
 
     def _deliver(self, parts: list[bytes | memoryview], *, retry: bool) -> bytes:
-        backoff = Backoff()
+        backoff = Backoff(self._channel)
         timeout = 60 + sum(len(part) for part in parts) / 2**20  # a minute, and a second per MiB
         while not self._stop.is_set():
             try:
@@ -155,7 +178,7 @@ class GrpcSiteLink:
                     log.debug("events not sent: %s", protocol.explain(exc, self._kit.config.server))
                     return b""
                 log.warning("cannot send a result: %s; retrying", protocol.explain(exc, self._kit.config.server))
-                backoff.wait(self._stop)
+                backoff.wait(self._stop, exc)
         return b""
 
     def _rejoined(self, exc: grpc.RpcError) -> bool:
