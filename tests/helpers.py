@@ -155,6 +155,7 @@ import time
 import torch
 
 from fedstream import Trainer, TrainOutput, ValidationOutput
+from fedstream.tracking import MLflowWriter
 
 
 class Square(torch.nn.Module):
@@ -164,16 +165,25 @@ class Square(torch.nn.Module):
 
 
 class TurnTrainer(Trainer):
-    \"\"\"Every task takes ``seconds``; ``hang`` sites hang and ``crash`` sites kill their worker in round 1.\"\"\"
+    \"\"\"Every task takes ``seconds``; in round 1, ``hang`` sites hang, ``crash`` sites kill their worker, and
+    ``kill_client`` sites log ``before_kill`` at steps 0-299, then kill their deployed client (a SIGKILL of the
+    parent, which this process does not outlive) before those events could leave.\"\"\"
 
-    def __init__(self, *, seconds: float = 0.0, hang: list[str] = [], crash: list[str] = []) -> None:
-        self.seconds, self.hang, self.crash = seconds, hang, crash
+    def __init__(
+        self, *, seconds: float = 0.0, hang: list[str] = [], crash: list[str] = [], kill_client: list[str] = []
+    ) -> None:
+        self.seconds, self.hang, self.crash, self.kill_client = seconds, hang, crash, kill_client
 
     def train(self, task):
         if task.round == 1 and self.site.name in self.hang:
             time.sleep(600)
         if task.round == 1 and self.site.name in self.crash:
             os.kill(os.getpid(), 9)
+        if task.round == 1 and self.site.name in self.kill_client:
+            for step in range(300):
+                MLflowWriter().log_metric("before_kill", float(step), step=step)
+            os.kill(os.getppid(), 9)
+            time.sleep(600)
         time.sleep(self.seconds)
         return TrainOutput(num_samples=1)
 

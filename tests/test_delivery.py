@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -14,6 +15,8 @@ from fedstream.errors import FedstreamError
 from fedstream.events import EventBus, Forwarded
 from fedstream.messages import EventBatch, WireEvent
 from fedstream.server.inbox import Inbox
+from fedstream.site import journal as journal_module
+from fedstream.site.journal import Journal
 from fedstream.site.outbox import Forwarder, Outbox
 
 
@@ -186,3 +189,67 @@ def test_a_new_server_takes_a_sessions_events_from_where_they_stand() -> None:
     fresh = EventBatch("site-1", "s2", 1, [WireEvent("fed.x", {"n": 1})])  # the site was set up again
     assert inbox.receive("site-1", fresh) == 1
     assert seen == [501, 502, 1]
+
+
+def journaled(inbox: Inbox, path: Path, *, deliver: Callable[[int], bool]) -> tuple[Outbox, FaultyLink]:
+    """An outbox journaling to ``path``, sending to ``inbox`` the batches that ``deliver`` lets through."""
+    link = FaultyLink(inbox, drop_batch=lambda n: not deliver(n), drop_ack=lambda n: False, repeat=lambda n: False)
+    outbox = Outbox("site-1", link.send, batch_size=7, max_delay_s=0.01, ack_timeout_s=0.05, journal=path)
+    link.outbox = outbox
+    return outbox, link
+
+
+def test_a_next_outbox_of_the_site_delivers_what_a_killed_one_left(tmp_path: Path) -> None:
+    server_bus = EventBus()
+    seen: list[Any] = []
+    server_bus.subscribe("fed.x", lambda e: seen.append(e.data["n"]))
+    inbox = Inbox(server_bus)
+    journal = tmp_path / "site-1" / "outbox.jsonl"
+    killed = threading.Event()
+    first, _ = journaled(inbox, journal, deliver=lambda n: not killed.is_set())
+    for n in range(50):
+        first.put(event(n, "fed.x"))
+    assert first.flush(stall_timeout_s=30)
+    killed.set()  # from now on nothing of the first outbox reaches the server: as if its process were killed
+    for n in range(50, 80):
+        first.put(event(n, "fed.x"))
+    assert seen == list(range(50))
+    second, _ = journaled(inbox, journal, deliver=lambda n: True)
+    assert second.session == first.session
+    for n in range(80, 100):
+        second.put(event(n, "fed.x"))
+    assert second.flush(stall_timeout_s=30)
+    assert seen == list(range(100)), "the killed outbox's 30 events once, in order, before the new ones"
+    assert second.close(stall_timeout_s=5) == 0
+    assert not journal.exists(), "everything delivered: the journal is removed"
+
+
+def test_a_journal_reads_back_despite_a_cut_last_line_and_stays_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "COMPACT_AFTER_LINES", 20)
+    path = tmp_path / "outbox.jsonl"
+    inbox = Inbox(EventBus())
+    outbox, _ = journaled(inbox, path, deliver=lambda n: True)
+    for n in range(100):
+        outbox.put(event(n))
+    assert outbox.flush(stall_timeout_s=30)
+    assert len(path.read_bytes().splitlines()) < 40, "rewritten once everything was acknowledged"
+    with path.open("ab") as file:
+        file.write(b'["e",{"n":100}]\n["e",{"n":10')  # one more event, then a line cut short by a full disk
+    session, acked, events = Journal(path).read() or ("", 0, [])
+    assert (session, acked, events) == (outbox.session, 100, [event(100)])
+
+
+def test_an_outbox_whose_journal_cannot_be_written_still_delivers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    server_bus = EventBus()
+    seen: list[Any] = []
+    server_bus.subscribe("fed.x", lambda e: seen.append(e.data["n"]))
+    outbox, _ = journaled(Inbox(server_bus), tmp_path / "a-file" / "outbox.jsonl", deliver=lambda n: True)
+    for n in range(10):
+        outbox.put(event(n, "fed.x"))
+    assert outbox.flush(stall_timeout_s=30) and seen == list(range(10))
+    assert "cannot write the events journal" in caplog.text and "a-file" in caplog.text

@@ -202,6 +202,31 @@ def test_a_crashing_site_process_never_takes_its_client_down(deployment: Any, tm
     assert status["result"]["tracking"]["events"]["duplicates"] == {}
 
 
+def test_a_client_killed_mid_round_and_restarted_loses_and_repeats_no_record(tmp_path: Path) -> None:
+    # site-2's trainer logs 300 metrics in round 1 and kills its client (SIGKILL) before they could be sent;
+    # its process dies with the client. The restarted client's new site process sends them from disk.
+    job = turns_job(tmp_path, rounds=2, trainer_args='kill_client = ["site-2"]')
+    sets = ["server.receivers.mlflow.path=fedstream.tracking.MLflowReceiver", "server.workflow.args.min_clients=1"]
+    sets.append("server.workflow.args.wait_after_min_clients_s=300")
+    with federation(tmp_path / "ws", 2) as local:
+        job_id = local.admin.submit(job, sets, ["site-1", "site-2"])
+        wait_for(lambda: local.processes["site-2"].poll() is not None, "site-2's client to be killed")
+        local.restart("site-2")
+        status = local.admin.follow(job_id, lambda status: None)
+    assert status["state"] == "completed", status
+    first, second = status["result"]["rounds"]
+    assert [failure["site"] for failure in first["failed"]] == ["site-2"]
+    assert second["clients"] == ["site-1", "site-2"]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("turns")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    (site_2,) = [run for run in runs if run.info.run_name == "site-2"]
+    history = client.get_metric_history(site_2.info.run_id, "before_kill")
+    assert sorted((m.step, m.value) for m in history) == [(step, float(step)) for step in range(300)]
+    assert not list((tmp_path / "ws" / "site-2" / "jobs").glob("*/site-2/outbox.jsonl")), "delivered: removed"
+
+
 def test_an_abort_ends_a_running_job(deployment: Any, tmp_path: Path) -> None:
     _, admin = deployment
     job = turns_job(tmp_path, rounds=50, trainer_args="seconds = 0.2")
@@ -311,7 +336,7 @@ def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_p
         def restart_after_round_two(status: dict[str, Any]) -> None:
             if status["round"] >= 2 and not restarted:
                 restarted.append(status["round"])
-                local.restart_server(how)
+                local.restart("server", how)
 
         status = local.admin.follow(job_id, restart_after_round_two)
     result = status["result"]

@@ -198,7 +198,7 @@ def site_main(kit_dir: str) -> None:
         log.error("%s cannot run this job: %s", site, exc)
         failure = exc
         executor = lambda: Unusable(failure)  # noqa: E731
-    make = job_sites(job, job_id, indices, len(sites), folder, link.send_events, executor)
+    make = job_sites(job, job_id, indices, len(sites), folder, link.send_events, executor, journal_events=True)
     SiteHost(link, [site], make).serve()
     logging.shutdown()
 

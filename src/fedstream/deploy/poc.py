@@ -70,13 +70,14 @@ class LocalFederation:
             command = self._commands[name]
             self.processes[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
-    def restart_server(self, how: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the server with ``how`` (SIGKILL: no clean-up at all) and start it again, same kit and
-        workspace."""
-        server = self.processes["server"]
-        server.send_signal(how)
-        server.wait()
-        self._start("server")
+    def restart(self, name: str, how: signal.Signals = signal.SIGTERM) -> None:
+        """Stop process ``name`` (``server`` or a site) with ``how`` (SIGKILL: no clean-up at all), unless it
+        has ended already, and start it again with the same kit and workspace."""
+        process = self.processes[name]
+        if process.poll() is None:
+            process.send_signal(how)
+        process.wait()
+        self._start(name)
 
     def stop(self) -> None:
         """Clients first, then the server: SIGTERM, then SIGKILL for any still running after 15 s."""

@@ -83,11 +83,14 @@ def job_sites(
     workspace: Path,
     send_events: Callable[[EventBatch], None],
     executor: Callable[[], Executor] | None = None,
+    *,
+    journal_events: bool = False,
 ) -> Callable[[str], Site]:
     """Makes the :class:`~fedstream.site.site.Site` of ``job`` for a site name (its index in ``indices``, of
     ``num_sites``):
     its context, its executor (``executor()``; by default :func:`executor_for` the job), and its events sent
-    through ``send_events``. Every site host makes its sites with it."""
+    through ``send_events`` (and kept on disk until delivered, with ``journal_events``). Every site host makes
+    its sites with it."""
 
     def make(name: str) -> Site:
         context = SiteContext(
@@ -101,6 +104,6 @@ def job_sites(
             log=logging.getLogger(f"fedstream.site.{name}"),
         )
         made = executor() if executor is not None else executor_for(job)
-        return Site(context, made, send_events, job.config.client.forward)
+        return Site(context, made, send_events, job.config.client.forward, journal_events=journal_events)
 
     return make

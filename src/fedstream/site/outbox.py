@@ -7,7 +7,9 @@ keeps each batch until the server acknowledges it, and resends it if no acknowle
 ``ack_timeout_s``. The server skips numbers it has already handled, so a resend never duplicates.
 
 Memory is bounded by backpressure: when ``capacity`` events wait (the server is behind), :meth:`Outbox.put`
-waits for room, which slows the code that logs. Nothing is dropped on the site.
+waits for room, which slows the code that logs. Nothing is dropped on the site. With a ``journal`` (deployed
+sites) the events are also written to disk as they are put, and a new outbox of the site resends, in the same
+session, what an earlier process killed before delivering had left (:mod:`fedstream.site.journal`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fedstream.errors import FedstreamError
 from fedstream.events import EventBus, Forwardable
 from fedstream.messages import EventBatch, WireEvent
+from fedstream.site.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class Outbox:
         max_delay_s: float = 0.5,
         ack_timeout_s: float = 10.0,
         capacity: int = 100_000,
+        journal: Path | None = None,
     ) -> None:
         self.site = site
         self.session = secrets.token_hex(4)
@@ -60,6 +65,29 @@ class Outbox:
         self._closed = False
         self.resends = 0
         self._thread: threading.Thread | None = None  # started by the first event: sites that never log have none
+        self._journal = Journal(journal) if journal is not None else None
+        if self._journal is not None:
+            self._resume(self._journal)
+
+    def _resume(self, journal: Journal) -> None:
+        """Take over what an earlier process of this site left undelivered, and start the journal anew."""
+        left = journal.read()
+        if left is not None:
+            self.session, self._acked, events = left
+            if events:
+                log.info(
+                    "%s: resending %d events that an earlier process of the site had not delivered",
+                    self.site,
+                    len(events),
+                )
+                self._pending.extend(events)
+                self._oldest = time.monotonic()
+                self._start_sending()
+        journal.start(self.session, self._acked, self._pending)
+
+    def _start_sending(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"outbox-{self.site}", daemon=True)
+        self._thread.start()
 
     def put(self, event: WireEvent) -> None:
         """Queue one event; waits only while ``capacity`` events are already waiting for the server."""
@@ -70,8 +98,7 @@ class Outbox:
                     "delivered; log from the trainer's own calls, or join its threads before train() returns"
                 )
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"outbox-{self.site}", daemon=True)
-                self._thread.start()
+                self._start_sending()
             if len(self._pending) >= self._capacity:
                 log.info("%s: %d events wait for the server; the caller waits for room", self.site, self._capacity)
                 self._cond.wait_for(lambda: len(self._pending) < self._capacity or self._closed)
@@ -79,6 +106,8 @@ class Outbox:
                 self._oldest = time.monotonic()
                 self._cond.notify_all()  # the sender sleeps while nothing waits: start its max_delay_s clock
             self._pending.append(event)
+            if self._journal is not None:
+                self._journal.append(event)
             if len(self._pending) == self._batch_size:
                 self._cond.notify_all()
 
@@ -91,11 +120,15 @@ class Outbox:
             done = seq - batch.first_seq + 1
             self._acked = seq
             self._acked_at = time.monotonic()
+            if self._journal is not None:
+                self._journal.acknowledged(seq)
             if done >= len(batch.events):
                 self._inflight = None
             else:  # partly handled: resend the rest
                 self._inflight = EventBatch(self.site, self.session, seq + 1, batch.events[done:])
                 self._sent_at = 0.0
+            if self._journal is not None and self._inflight is None and self._journal.grown:
+                self._journal.start(self.session, self._acked, self._pending)  # only what is not delivered
             self._cond.notify_all()
 
     def flush(self, stall_timeout_s: float) -> bool:
@@ -127,6 +160,8 @@ class Outbox:
         with self._cond:
             self._closed = True
             lost = len(self._pending) + (len(self._inflight.events) if self._inflight else 0)
+            if self._journal is not None:  # kept for a next process of the site while anything is undelivered
+                self._journal.close(remove=not lost)
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)

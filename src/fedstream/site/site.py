@@ -19,6 +19,7 @@ from fedstream.site.outbox import Forwarder, Outbox
 from fedstream.wire import sendable
 
 SETUP = "setup"
+OUTBOX_JOURNAL = "outbox.jsonl"
 
 
 class Site:
@@ -31,6 +32,8 @@ class Site:
         forward: the local event names to ship to the server, and the prefix they get there.
         stall_timeout_s: after a task, how long to wait for the server to acknowledge more events before
             sending the result anyway (the wait goes on as long as acknowledgements arrive).
+        journal_events: keep the outgoing events on disk too (``outbox.jsonl`` in the site's workspace), so that
+            a next process of the site delivers those that a killed one could not (deployed sites).
     """
 
     def __init__(
@@ -41,9 +44,11 @@ class Site:
         forward: ForwardConfig,
         *,
         stall_timeout_s: float = 60.0,
+        journal_events: bool = False,
     ) -> None:
         self.context = context
-        self.outbox = Outbox(context.name, send_events)
+        journal = context.workspace / OUTBOX_JOURNAL if journal_events else None
+        self.outbox = Outbox(context.name, send_events, journal=journal)
         Forwarder(context.bus, self.outbox, forward.events, forward.prefix)
         self._executor = executor
         self._ready = False
