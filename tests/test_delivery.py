@@ -239,6 +239,9 @@ def test_a_journal_reads_back_despite_a_cut_last_line_and_stays_small(
         file.write(b'["e",{"n":100}]\n["e",{"n":10')  # one more event, then a line cut short by a full disk
     session, acked, events = Journal(path).read() or ("", 0, [])
     assert (session, acked, events) == (outbox.session, 100, [event(100)])
+    for damage in (b"5\n", b'["e"]\n', b'{"session": "s"}\n', b"[1, 2]\n"):  # edited by hand: read up to there
+        path.write_bytes(b'{"session":"s","acked":3}\n["e",{"n":4}]\n' + damage + b'["e",{"n":5}]\n')
+        assert Journal(path).read() == ("s", 3, [event(4)])
 
 
 def test_an_outbox_whose_journal_cannot_be_written_still_delivers(

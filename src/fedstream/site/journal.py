@@ -51,14 +51,19 @@ class Journal:
         for number, line in enumerate(lines):
             try:
                 entry = json.loads(line)
-            except ValueError:  # the last line, cut short by a full disk
-                log.warning("%s: line %d is incomplete and ignored", self.path, number + 1)
+                if isinstance(entry, list):
+                    name, data = entry
+                    events.append(WireEvent(str(name), dict(data)))
+                    continue
+                session = str(entry.get("session", session))
+                new_acked = int(entry["acked"])
+            except (ValueError, TypeError, KeyError, AttributeError):  # a line cut short by a full disk, or edited
+                log.warning(
+                    "%s: line %d is not an event or acknowledgement; it and what follows are ignored",
+                    self.path,
+                    number + 1,
+                )
                 break
-            if isinstance(entry, list):
-                events.append(WireEvent(str(entry[0]), dict(entry[1])))
-                continue
-            session = str(entry.get("session", session))
-            new_acked = int(entry["acked"])
             del events[: new_acked - acked]
             acked = new_acked
         return (session, acked, events) if session else None
