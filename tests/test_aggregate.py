@@ -16,6 +16,10 @@ def test_weighted_average_is_exact_for_uneven_counts() -> None:
     # integer arrays are rounded: (10 + 60 + 124) / 8 = 24.25 -> 24
     assert result["n"].dtype == np.int64 and result["n"].tolist() == [24]
     assert average.total_weight == 8 and average.count == 3
+    with pytest.raises(ValueError, match="used already"):  # the means were made in place of the sums
+        average.result()
+    with pytest.raises(ValueError, match="used already"):
+        average.add({"w": np.ones((2, 2), np.float32), "n": np.array([1], np.int64)}, 1)
 
 
 def test_weighted_average_accumulates_in_float64() -> None:

@@ -37,19 +37,24 @@ contribution is at most 32 MB whatever the tensor's size."""
 class WeightedAverage:
     """Running weighted mean of named arrays, kept in float64 and returned in each array's own dtype.
 
-    Memory: the float64 sums (twice the model's float32 size) and slices of at most :data:`SLICE` elements."""
+    float64 sums make the average independent of the order in which results arrive (in practice: float32
+    rounding of the exact sum), so a job run again gives the same model. Memory: the float64 sums (twice the
+    model's float32 size) and slices of at most :data:`SLICE` elements."""
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self.total_weight = 0.0
         self.count = 0
+        self._used = False
 
     def add(self, arrays: Weights, weight: float) -> None:
         """Add one contribution; all contributions must have the same names and shapes (checked before any
         of it is added)."""
         if not weight > 0:
             raise ValueError(f"a contribution's weight must be positive, got {weight}")
+        if self._used:
+            raise ValueError("the average was used already")
         if self._sums:
             missing, extra = sorted(self._sums.keys() - arrays.keys()), sorted(arrays.keys() - self._sums.keys())
             if missing or extra:
@@ -68,18 +73,15 @@ class WeightedAverage:
         self.count += 1
 
     def result(self) -> Weights:
-        """The weighted mean; integer arrays are rounded to the nearest integer."""
-        if not self.count:
-            raise ValueError("no contributions to average")
+        """The weighted mean in each array's own dtype, integer arrays rounded to the nearest integer; computed
+        in place of the sums, each freed as its mean is made (the average is used up)."""
+        means = self.means()
         averaged = {}
-        for name, total in self._sums.items():
-            dtype = self._dtypes[name]
-            out = np.empty(total.shape, dtype)
-            flat, sums = out.reshape(-1), total.reshape(-1)
-            for start in range(0, sums.size, SLICE):
-                mean = sums[start : start + SLICE] / self.total_weight
-                flat[start : start + SLICE] = np.rint(mean) if np.issubdtype(dtype, np.integer) else mean
-            averaged[name] = out
+        for name in list(means):
+            mean, dtype = means.pop(name), self._dtypes[name]
+            if np.issubdtype(dtype, np.integer):
+                np.rint(mean, out=mean)
+            averaged[name] = mean if mean.dtype == dtype else mean.astype(dtype)
         return averaged
 
     def means(self) -> dict[str, np.ndarray]:
@@ -95,7 +97,9 @@ class WeightedAverage:
         """The weighted sums in float64 (the average is used up)."""
         if not self.count:
             raise ValueError("no contributions to average")
-        sums, self._sums = self._sums, {}
+        if self._used:
+            raise ValueError("the average was used already")
+        sums, self._sums, self._used = self._sums, {}, True
         return sums
 
 
