@@ -203,6 +203,37 @@ def test_hello_pt_learns_and_leaves_a_complete_workspace(tmp_path: Path, tiny_ci
     assert "accuracy" in done.stdout and "result.json" in done.stdout
 
 
+FORGETFUL = """
+import gc
+import weakref
+
+from fedstream.workflows import FedAvg
+
+
+class Forgetful(FedAvg):
+    \"\"\"FedAvg that fails the job when the initial model outlives the workflow's own reference to it.\"\"\"
+
+    def run(self, federation, models, weights):
+        initial = weakref.ref(weights["w"])
+        copy = {name: array.copy() for name, array in weights.items()}
+        del weights
+        gc.collect()
+        if initial() is not None:
+            raise RuntimeError("the initial model is still held by the workflow's caller")
+        super().run(federation, models, copy)
+"""
+
+
+def test_the_server_keeps_no_model_that_the_rounds_no_longer_need(tmp_path: Path) -> None:
+    # a model of a GiB would otherwise stay in the server's memory for the whole job
+    job = known_job(tmp_path)
+    (job / "forgetful.py").write_text(FORGETFUL)
+    edit = (job / "job.toml").read_text().replace('"fedstream.workflows.FedAvg"', '"forgetful.Forgetful"')
+    (job / "job.toml").write_text(edit)
+    done, result = simulate(job, tmp_path / "ws", "-n", "2", "-t", "2")
+    assert done.returncode == 0 and result["status"] == "completed", result["error"]
+
+
 def test_a_workspace_not_made_by_fedstream_is_refused(tmp_path: Path) -> None:
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "thesis.tex").write_text("precious")

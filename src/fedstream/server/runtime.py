@@ -158,7 +158,6 @@ class ServerRuntime:
         startup_s = 0.0
         with self._signals():
             try:
-                weights = initial_weights(self.job)
                 info = JobInfo(
                     self.job.name,
                     self.job_id,
@@ -175,7 +174,8 @@ class ServerRuntime:
                     log.info("receiver %s listens to %s", name, ", ".join(host.events))
                 federation.start(link)
                 startup_s = time.monotonic() - began
-                self.components.workflow.run(federation, models, weights)
+                # built here and handed over: no reference stays here, so each round frees the model before it
+                self.components.workflow.run(federation, models, initial_weights(self.job))
                 link.close()
             except KeyboardInterrupt:
                 how = "SIGTERM" if self._signal == signal.SIGTERM else "Ctrl-C"

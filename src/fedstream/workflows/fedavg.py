@@ -156,6 +156,7 @@ class FedAvg(Workflow):
         resumed = models.resume()
         if resumed is not None:
             done, state, weights, arrays = resumed
+            del resumed  # the resumed model is freed after the first round, like any earlier one
             first, best = done + 1, state.get("best")
             self.restore(arrays)
             log.info("resuming the job after round %d of %d", done, self.num_rounds)
