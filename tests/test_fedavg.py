@@ -197,3 +197,13 @@ def test_a_job_resumes_after_its_last_checkpoint(tmp_path: Path) -> None:
     _, straight, _ = run(tmp_path / "b", num_rounds=4)
     assert np.array_equal(saved(models), saved(straight))
     assert np.array_equal(saved(models, "best"), saved(straight, "best"))
+
+
+def test_the_best_model_is_kept_without_a_copy_and_stays_when_global_moves_on(tmp_path: Path) -> None:
+    models = ModelStore(tmp_path / "models")
+    models.save("global", {"w": np.full(3, 1.0, np.float32)})
+    best = models.keep("best", "global")
+    assert best.stat().st_ino == models.paths["global"].stat().st_ino, "a hard link, not a second write"
+    models.save("global", {"w": np.full(3, 2.0, np.float32)})
+    assert saved(models, "best").tolist() == [1.0, 1.0, 1.0] and saved(models).tolist() == [2.0, 2.0, 2.0]
+    assert ModelStore(tmp_path / "models").paths.keys() == {"global", "best"}

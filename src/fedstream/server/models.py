@@ -39,10 +39,7 @@ class ModelStore:
             arrays_file = f"arrays-{round}.pt"
             flat = {f"{group}/{name}": array for group, named in arrays.items() for name, array in named.items()}
             self._write(folder / arrays_file, flat)
-        partial = folder / "global.pt.partial"
-        partial.unlink(missing_ok=True)
-        os.link(self.paths["global"], partial)
-        os.replace(partial, folder / "global.pt")
+        _link(self.paths["global"], folder / "global.pt")
         partial = folder / "round.json.partial"
         partial.write_text(json.dumps({"round": round, "state": state, "arrays": arrays_file}))
         os.replace(partial, folder / "round.json")
@@ -76,6 +73,14 @@ class ModelStore:
         self.paths[name] = path
         return path
 
+    def keep(self, name: str, source: str) -> Path:
+        """Make model ``name`` the model ``source`` as saved now: a hard link, no copy (a later save of
+        ``source`` replaces its file and leaves ``name`` as it is)."""
+        path = self.folder / f"{name}.pt"
+        _link(self.paths[source], path)
+        self.paths[name] = path
+        return path
+
     def _write(self, path: Path, weights: Weights) -> None:
         import torch
 
@@ -95,6 +100,14 @@ class ModelStore:
             raise JobFailed(f"cannot save the {name} model to {path}: {why}") from exc
         finally:
             partial.unlink(missing_ok=True)
+
+
+def _link(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link of ``source``, replacing it atomically."""
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    os.link(source, partial)
+    os.replace(partial, target)
 
 
 def load_weights(path: Path) -> Weights:

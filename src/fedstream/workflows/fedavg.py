@@ -166,7 +166,7 @@ class FedAvg(Workflow):
             score = summary.metrics[self.key_metric]
             if best is None or (score > best if self.key_metric_mode == "max" else score < best):
                 best = score
-                models.save("best", weights)
+                models.keep("best", "global")  # the round's model, saved as global
             federation.bus.fire(RoundCompleted(summary))
             models.checkpoint(round, {"best": best}, self.saved_arrays())
             log.info(
