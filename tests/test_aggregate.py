@@ -48,3 +48,12 @@ def test_metric_average_weights_each_key_by_who_reported_it() -> None:
     metrics.add({"accuracy": 0.5, "loss": 2.0}, 100)
     metrics.add({"accuracy": 1.0}, 300)
     assert metrics.result() == {"accuracy": 0.875, "loss": 2.0}
+
+
+def test_weighted_average_of_transposed_arrays() -> None:
+    # a state dict may hold non-contiguous tensors (a transposed view): every contribution still counts
+    average = WeightedAverage()
+    x = np.arange(6, dtype=np.float32).reshape(2, 3).T
+    average.add({"x": x}, 1)
+    average.add({"x": 2 * x}, 3)
+    np.testing.assert_array_equal(average.result()["x"], 1.75 * x)
