@@ -90,47 +90,50 @@ def raw_tls_s(total: int) -> float:
     return elapsed
 
 
-def transfer() -> tuple[float, float]:
-    """(round seconds, server peak RSS MB) of the big job under poc."""
+def transfer() -> tuple[float, float, float]:
+    """(second round's seconds, server peak RSS MB, server RSS MB once the job ended) of the big job under poc."""
     ws = OUT / "deploy-big"
     shutil.rmtree(ws, ignore_errors=True)
     command = fedstream("poc", str(REPO / "bench" / "jobs" / "big"), "-w", str(ws), "-n", "1")
     command += _sets(f"model.args.size_mib={SIZE_MIB}", "server.workflow.args.num_rounds=2")
     with open(OUT / "deploy-big.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        peak = 0.0
+        peak = last = 0.0
         while process.poll() is None:
             for child in psutil.Process(process.pid).children(recursive=True):
                 try:
                     if "server" in child.cmdline() and "start" in child.cmdline():
-                        peak = max(peak, child.memory_info().rss / 2**20)
+                        last = child.memory_info().rss / 2**20
+                        peak = max(peak, last)
                 except psutil.Error:
                     pass
             time.sleep(0.05)
     if process.returncode:
         sys.exit(f"(g) failed; see {OUT / 'deploy-big.log'}")
     (result,) = (ws / "server" / "jobs").glob("*/result.json")
-    return json.loads(result.read_text())["rounds"][1]["duration_s"], peak  # round 1 waits for the site to start
+    round_s = json.loads(result.read_text())["rounds"][1]["duration_s"]  # round 1 also waits for the site to start
+    return round_s, peak, last
 
 
 def main() -> None:
     repeat, data = start(__doc__, OUT)
     walls: dict[str, dict[str, list[float]]] = {s: {"poc": [], "simulate": []} for s in ("a", "c")}
-    rounds, peaks, raws = [], [], []
+    rounds, peaks, ends, raws = [], [], [], []
     for i in range(repeat):
         for scenario in ("a", "c"):
             for kind in ("poc", "simulate") if i % 2 == 0 else ("simulate", "poc"):
                 walls[scenario][kind].append(run(kind, scenario, data))
             print(f"run {i + 1} ({scenario}): poc {walls[scenario]['poc'][-1]:.2f} s, simulate "
                   f"{walls[scenario]['simulate'][-1]:.2f} s", flush=True)  # fmt: skip
-        round_s, peak = transfer()
+        round_s, peak, end = transfer()
         raw = raw_tls_s(3 * SIZE_MIB * 2**20)
-        rounds.append(round_s), peaks.append(peak), raws.append(raw)
+        rounds.append(round_s), peaks.append(peak), ends.append(end), raws.append(raw)
         print(f"run {i + 1} (g): round {round_s:.2f} s, raw TLS {raw:.2f} s, server peak RSS {peak:.0f} MB", flush=True)
     med = {s: {k: statistics.median(v) for k, v in kinds.items()} for s, kinds in walls.items()}
     ratios_a = [p / s for p, s in zip(walls["a"]["poc"], walls["a"]["simulate"], strict=True)]
     moved = 3 * SIZE_MIB
     round_s, raw_s, peak = statistics.median(rounds), statistics.median(raws), statistics.median(peaks)
+    excess = statistics.median(p - e for p, e in zip(peaks, ends, strict=True))
     lines = [
         "# Deployment benchmark",
         "",
@@ -148,10 +151,13 @@ def main() -> None:
         f"{moved / round_s:.0f} MiB/s | |",
         f"| (g) a raw Python TLS socket moving the same bytes | {raw_s:.1f} s, {moved / raw_s:.0f} MiB/s | |",
         f"| (g) deployment / raw TLS throughput | {raw_s / round_s:.2f} | >= 0.5 |",
-        f"| (g) server peak RSS with a {SIZE_MIB} MiB model | {peak:.0f} MB | <= model + 64 MB (not met) |",
+        f"| (g) server peak RSS with a {SIZE_MIB} MiB model | {peak:.0f} MB: {excess:.0f} MB over the server's RSS "
+        f"once the job ended, {excess / SIZE_MIB:.1f} x the model | <= model + 64 MB |",
         "",
-        "The (g) round also includes the averaging, saving global.pt and best.pt, and the site loading the "
-        "weights into its model twice, so the ratio is a lower bound of the transport's own.",
+        "The (g) round also includes the averaging, saving global.pt, and the site loading the weights into its "
+        "model twice, so the ratio is a lower bound of the transport's own. At the peak the server holds the "
+        "round's global model, the float64 sums of the average (two models: they keep the average independent "
+        "of the order in which results arrive) and the result being received or the new model being made.",
         "",
     ]
     write_results(RESULTS, lines)
