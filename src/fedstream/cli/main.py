@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -186,8 +187,9 @@ def run() -> NoReturn:
     written, closed and stopped by then, and tearing down PyTorch's modules alone takes about a second (a
     second that every ``simulate``, ``poc``, server and client stop would wait)."""
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a closed pipe or a full disk was reported by main() already
+            stream.flush()
     logging.shutdown()
     os._exit(code)
 
