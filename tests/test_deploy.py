@@ -32,7 +32,7 @@ from fedstream.deploy.site_link import GrpcSiteLink
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from fedstream.pt.executor import job_sites
 from fedstream.site.host import SiteHost
-from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job, wait_for, write_job
+from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job, wait_for
 from tests.tcp_proxy import TcpProxy
 
 TINY = [
@@ -406,27 +406,6 @@ def test_an_expired_certificate_is_refused_with_a_hint(deployment: Any, tmp_path
         Admin(stale, admin.address).jobs()
 
 
-MANY = """
-import torch
-
-from fedstream import Trainer, TrainOutput, ValidationOutput
-
-
-class ManyModel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(4))
-
-
-class ManyIdle(Trainer):
-    def train(self, task):
-        return TrainOutput(num_samples=1)
-
-    def validate(self, task):
-        return ValidationOutput(num_samples=1, metrics={"accuracy": 1.0})
-"""
-
-
 def test_a_server_serves_more_sites_than_a_small_thread_pool_would(tmp_path: Path) -> None:
     """Every connected site holds a long poll (60 s here). With 80 sites, the round must not wait for polls to
     time out before the sites' results get a thread (it did with a pool of 64 threads)."""
@@ -436,28 +415,14 @@ def test_a_server_serves_more_sites_than_a_small_thread_pool_would(tmp_path: Pat
     provision(project, kits)
     command = [sys.executable, "-m", "fedstream", "server", "start", str(kits / "server")]
     command += ["-w", str(tmp_path / "server"), "--listen", f"127.0.0.1:{project.server.port}"]
-    job_dir = write_job(
-        tmp_path / "job",
-        """
-        name = "many"
-        [model]
-        path = "many_sites_job.ManyModel"
-        [server.workflow]
-        path = "fedstream.workflows.FedAvg"
-        [server.workflow.args]
-        num_rounds = 2
-        min_clients = 80
-        [client.trainer]
-        path = "many_sites_job.ManyIdle"
-        """,
-        {"many_sites_job.py": MANY},
-    )
+    job_dir = turns_job(tmp_path)  # idle sites
+    overrides = ["server.workflow.args.num_rounds=2", f"server.workflow.args.min_clients={count}"]
     local = LocalFederation(tmp_path, {"server": command}, {})
     try:
         local.admin.wait_ready(60)
         sites = [f"site-{i}" for i in range(1, count + 1)]
-        job_id = local.admin.submit(job_dir, [], sites)
-        job = load_job(job_dir)
+        job_id = local.admin.submit(job_dir, overrides, sites)
+        job = load_job(job_dir, overrides)
         indices = {site: i for i, site in enumerate(sites)}
 
         def serve(site: str) -> None:
