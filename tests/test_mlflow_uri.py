@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from fedstream.errors import TrackingError
 from fedstream.server.receiver import JobInfo
 from fedstream.tracking import MLflowReceiver
-from fedstream.tracking.mlflow_uri import absolute, check_syntax, check_usable
+from fedstream.tracking.mlflow_uri import absolute, check_syntax, check_usable, create_sqlite_store
+from tests.helpers import wait_for
 from tests.mlflow_server import MlflowServer, free_port
 
 
@@ -143,3 +147,23 @@ def test_the_receiver_reports_an_unusable_backend_before_training(tmp_path: Path
     optional = MLflowReceiver(tracking_uri=f"http://127.0.0.1:{free_port()}", required=False)
     optional.check(job)
     assert optional.problems and "nothing listens there" in optional.problems[0]
+
+
+def test_an_sqlite_store_is_in_place_only_once_it_is_whole(tmp_path: Path) -> None:
+    # MLflow makes a store's tables in many steps; a process killed among them must not leave a broken store.
+    folder = tmp_path / "store"
+    folder.mkdir()
+    path = folder / "mlflow.db"
+    code = f"import pathlib, fedstream.tracking.mlflow_uri as u; u.create_sqlite_store(pathlib.Path({str(path)!r}))"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    wait_for(lambda: any(folder.glob("mlflow.db.*.partial")) or child.poll() is not None, "the store to be begun")
+    child.kill()
+    child.wait()
+    assert not path.exists(), "killed while making it: no store at all"
+    path.touch()  # what the server's check of the folder leaves
+    create_sqlite_store(path)
+    create_sqlite_store(path)  # there: left as it is
+    experiments = MlflowClient(f"sqlite:///{path}").search_experiments()
+    assert [experiment.name for experiment in experiments] == ["Default"]
+    ours = {p.name for p in folder.iterdir() if f".{child.pid}." not in p.name}
+    assert ours == {"mlflow.db"}, "nothing left beside it but what the killed process was making"

@@ -30,7 +30,7 @@ from fedstream.errors import TrackingError
 from fedstream.events import Event, Forwarded
 from fedstream.server.receiver import BackendUnavailable, JobInfo, JobOutcome, Receiver
 from fedstream.tracking.cross_site_report import heat_map_png, matrix_csv
-from fedstream.tracking.mlflow_uri import absolute, check_syntax, check_usable, default_uri
+from fedstream.tracking.mlflow_uri import absolute, check_syntax, check_usable, create_sqlite_store, default_uri
 from fedstream.tracking.records import ARTIFACT, FED_ANALYTICS, METRIC, PARAM, TAG, Record, check_key, from_wire
 from fedstream.workflows.base import RoundCompleted
 from fedstream.workflows.cross_site import CrossSiteEvaluated, CrossSiteMatrix
@@ -247,6 +247,8 @@ class MLflowReceiver(Receiver):
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
+        if uri.startswith("sqlite:"):
+            create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         self._client = client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # reachable, authorised, a valid store
         name = self.experiment_name or job.name

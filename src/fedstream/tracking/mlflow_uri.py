@@ -77,6 +77,37 @@ def check_usable(uri: str, timeout_s: float) -> None:
         _check_driver(uri, base)
 
 
+def create_sqlite_store(path: Path) -> None:
+    """Create MLflow's SQLite store at ``path`` if there is none yet, whole or not at all.
+
+    MLflow makes a new store's tables in dozens of steps (its migrations, seconds in all), and a process
+    killed meanwhile (a server stopped with ``kill -9`` while its first job starts) would leave a store that
+    no later run can open ("table _alembic_tmp_experiments already exists"). So the store is made under a
+    temporary name beside ``path`` and linked into place once complete, never over a store another process
+    made meanwhile. An empty file (what a check of the folder leaves) counts as none.
+    """
+    if path.exists() and path.stat().st_size:
+        return
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    leftovers = [partial, partial.with_name(partial.name + "-journal")]  # SQLite's own journal beside it
+    for leftover in leftovers:  # of a killed process that had this id: a stale journal would be rolled back
+        leftover.unlink(missing_ok=True)
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{partial}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)  # type: ignore[no-untyped-call]
+        store.engine.dispose()
+        if path.exists() and not path.stat().st_size:
+            os.replace(partial, path)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(partial, path)
+    finally:
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+
+
 def _check_sqlite(path: Path) -> None:
     folder = path.parent
     if not folder.is_dir():
