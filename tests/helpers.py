@@ -167,14 +167,24 @@ class Square(torch.nn.Module):
 class TurnTrainer(Trainer):
     \"\"\"Every task takes ``seconds``; in round 1, ``hang`` sites hang, ``crash`` sites kill their worker, and
     ``kill_client`` sites log ``before_kill`` at steps 0-299, then kill their deployed client (a SIGKILL of the
-    parent, which this process does not outlive) before those events could leave.\"\"\"
+    parent, which this process does not outlive) before those events could leave. Each task logs ``turn`` at
+    ``steps`` steps of its own.\"\"\"
 
     def __init__(
-        self, *, seconds: float = 0.0, hang: list[str] = [], crash: list[str] = [], kill_client: list[str] = []
+        self,
+        *,
+        seconds: float = 0.0,
+        hang: list[str] = [],
+        crash: list[str] = [],
+        kill_client: list[str] = [],
+        steps: int = 0,
     ) -> None:
         self.seconds, self.hang, self.crash, self.kill_client = seconds, hang, crash, kill_client
+        self.steps = steps
 
     def train(self, task):
+        for step in range((task.round - 1) * self.steps, task.round * self.steps):
+            MLflowWriter().log_metric("turn", float(step), step=step)
         if task.round == 1 and self.site.name in self.hang:
             time.sleep(600)
         if task.round == 1 and self.site.name in self.crash:

@@ -327,8 +327,11 @@ def test_sites_reach_the_server_through_an_https_proxy(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_path: Path, how: signal.Signals) -> None:
-    job = turns_job(tmp_path, rounds=4, trainer_args="seconds = 0.5")
+    # Each task logs 10 steps, which wait on the server for a minute before they are written: a killed server
+    # has acknowledged them, so its journal gives them again to the next one's MLflow receiver.
+    job = turns_job(tmp_path, rounds=4, trainer_args="seconds = 0.5\nsteps = 10")
     mlflow = ["server.receivers.mlflow.path=fedstream.tracking.MLflowReceiver"]
+    mlflow.append("server.receivers.mlflow.args.flush_interval_s=60")
     with federation(tmp_path / "ws", 2) as local:
         job_id = local.admin.submit(job, mlflow, ["site-1", "site-2"])
         restarted: list[int] = []
@@ -353,8 +356,13 @@ def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_p
     steps = [m.step for m in client.get_metric_history(parent.info.run_id, "accuracy")]
     if how == signal.SIGTERM:  # a clean stop writes everything first
         assert steps == [1, 2, 3, 4]
-    else:  # what the killed server had not written yet is lost, never repeated
+    else:  # the server's own events that the killed server had not written yet are lost, never repeated
         assert sorted(set(steps)) == steps and steps[-2:] == [3, 4]
+    for site in ("site-1", "site-2"):
+        (run,) = [run for run in runs if run.info.run_name == site]
+        turns = sorted(m.step for m in client.get_metric_history(run.info.run_id, "turn"))
+        assert sorted(set(turns)) == list(range(40)), f"{site}: every step of the sites is there"
+        assert turns[:20] == list(range(20)), f"{site}: the rounds before the restart once"
 
 
 def test_an_admin_reads_the_log_and_downloads_the_outputs(deployment: Any, tmp_path: Path) -> None:

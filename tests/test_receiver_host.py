@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -10,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from fedstream.errors import TrackingError
-from fedstream.events import Forwarded
+from fedstream.events import EventBus, Forwarded
+from fedstream.messages import EventBatch, WireEvent
+from fedstream.server import journal as server_journal
+from fedstream.server.inbox import Inbox
+from fedstream.server.journal import EventJournal, Taken
 from fedstream.server.receiver import JobInfo, JobOutcome
 from fedstream.server.receiver_host import ReceiverHost
 from tests.helpers import wait_for
@@ -146,3 +151,72 @@ def test_a_receiver_that_cannot_open_stops_the_job_and_drops_what_comes(tmp_path
     host.stop(JobOutcome("failed", ""))
     report = host.report()
     assert report.dropped == 1 and any("could not open" in error for error in report.errors)
+
+
+def test_a_killed_servers_receivers_get_again_what_they_had_not_written(tmp_path: Path) -> None:
+    # The first server writes batch A, then its backend goes down and batch B waits; the server is killed (its
+    # objects abandoned). The next one takes the sites' numbering from the journal and gives B again, not A.
+    path = tmp_path / "server" / "events.jsonl"
+    info = JobInfo("job", "id", "", ("site-1",), tmp_path / "server", {})
+    (tmp_path / "server").mkdir()
+
+    def server(control: Path) -> tuple[ReceiverHost, Inbox, EventJournal, Taken]:
+        control.mkdir()
+        host = ReceiverHost("files", FileReceiver(control=str(control)))
+        journal = EventJournal(path, lambda: host.oldest_unwritten)
+        taken = journal.open()
+        host.start(info, lambda why: None, functools.partial(journal.mark, "files"))
+        bus = EventBus()
+        bus.subscribe("fed.analytics", host.handle)
+        for again in taken.unwritten("files", host.events):
+            host.handle(again)
+        return host, Inbox(bus, journal), journal, taken
+
+    def batch(first: int, last: int) -> EventBatch:
+        events = [WireEvent("fed.analytics", {"value": n}) for n in range(first, last + 1)]
+        return EventBatch("site-1", "s1", first, events)
+
+    first, inbox, _, taken = server(tmp_path / "first")
+    assert taken == Taken()
+    assert inbox.receive("site-1", batch(1, 20)) == 20
+    wait_for(lambda: len(written(tmp_path / "first")) == 20 and first.oldest_unwritten is None, "A written")
+    (tmp_path / "first" / "down").touch()
+    assert inbox.receive("site-1", batch(21, 35)) == 35
+    wait_for(lambda: first.unavailable != "", "the outage to be noticed")
+
+    second, inbox, journal, taken = server(tmp_path / "second")
+    assert taken.sites == {"site-1": ("s1", 35)} and taken.marks == {"files": 21}
+    assert inbox.receive("site-1", batch(21, 35)) == 35, "a resend of B (its acknowledgement was lost) is known"
+    assert inbox.receive("site-1", batch(36, 40)) == 40
+    second.stop(JobOutcome("completed", ""))
+    journal.close()
+    assert written(tmp_path / "second") == list(range(21, 41))
+    assert not path.exists(), "the job ended: its journal is removed"
+    first.hurry()
+    first.stop(JobOutcome("failed", "killed"))
+    assert written(tmp_path / "first") == list(range(1, 21))
+
+
+def test_the_server_journal_drops_what_is_written_and_reads_back_despite_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_journal, "COMPACT_EVERY", 30)
+    path = tmp_path / "events.jsonl"
+    oldest: list[int | None] = [None]
+    journal = EventJournal(path, lambda: oldest[0])
+    journal.open()
+    for n in range(1, 101):
+        at = journal.append(f"site-{n % 2}", "s", n, [WireEvent("fed.x", {"n": n})])
+        assert at == n
+        oldest[0] = n - 3  # a receiver is three events behind
+        journal.mark("r", n - 3)
+    assert len(path.read_bytes().splitlines()) < 100, "written anew without what was written"
+    taken = EventJournal(path, lambda: None).open()
+    assert taken.next == 101 and taken.sites == {"site-0": ("s", 100), "site-1": ("s", 99)}
+    assert [event.data["n"] for event in taken.unwritten("r", {"fed.x"})] == [97, 98, 99, 100]
+    assert [event.position for event in taken.unwritten("r", {"fed.x"})] == [97, 98, 99, 100]
+    assert taken.unwritten("r", {"fed.y"}) == [] and len(taken.unwritten("new", {"fed.x"})) >= 4
+    with path.open("ab") as file:
+        file.write(b'{"receiver":"r","below":99}\n{"site":"site-1","at":101,"even')  # a line cut short
+    taken = EventJournal(path, lambda: None).open()
+    assert (taken.next, taken.marks["r"]) == (101, 99)

@@ -37,14 +37,17 @@ class Forwardable(Event, Protocol):
 @dataclass(frozen=True)
 class Forwarded:
     """A site's event on the server: ``name`` is the event's name with the forwarding prefix, ``site`` the
-    sender as authenticated by the link, ``data`` the event's JSON data (checked by whoever reads it)."""
+    sender as authenticated by the link, ``data`` the event's JSON data (checked by whoever reads it);
+    ``position`` is its place in the deployed server's events journal (0: not journaled)."""
 
     name: str
     site: str
     data: dict[str, Any]
+    position: int = 0
 
     def __reduce__(self) -> tuple[type[Forwarded], tuple[str, str, dict[str, Any]]]:
-        """Pickled as its three fields (receivers get events through a pipe): a third faster than the default."""
+        """Pickled as its first three fields (receivers get events through a pipe): a third faster than the
+        default."""
         return (Forwarded, (self.name, self.site, self.data))
 
 

@@ -40,11 +40,10 @@ from fedstream.deploy.signing import JobRefused, Signature, verify_job
 from fedstream.deploy.site_link import JOB
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from fedstream.events import EventBus
-from fedstream.server.models import ModelStore
 from fedstream.server.runtime import EXIT_INTERRUPTED, RunResult, ServerRuntime, build, new_job_id
 from fedstream.wire import decode, encode, encode_parts
 from fedstream.workflows.base import RoundCompleted
-from fedstream.workspace import Workspace, check_site_names
+from fedstream.workspace import MARKER, Workspace, check_site_names
 
 log = logging.getLogger(__name__)
 
@@ -320,10 +319,8 @@ class FederationServer:
         job = self._load(record.code, record.overrides)
         components = build(job, record.sites)
         folder = self.root / "jobs" / record.id
-        if ModelStore(Workspace(folder).models).last_round():  # resuming: keep its rounds and models
-            workspace = Workspace(folder)
-        else:
-            workspace = Workspace.prepare(folder, record.sites)
+        resuming = (folder / MARKER).is_file()  # keep its rounds, models and events journal
+        workspace = Workspace(folder) if resuming else Workspace.prepare(folder, record.sites)
         (workspace.server / "job.toml").write_text(job.to_toml())
         logs.setup_server(workspace.root, self._console)
         bus = EventBus()
@@ -334,7 +331,14 @@ class FederationServer:
         bus.subscribe(RoundCompleted, progress)
         details = {"submitter": record.submitter, "server": self.kit.name}
         runtime = ServerRuntime(
-            job, components, workspace, record.sites, job_id=record.id, bus=bus, details=lambda: details
+            job,
+            components,
+            workspace,
+            record.sites,
+            job_id=record.id,
+            bus=bus,
+            details=lambda: details,
+            journal_events=True,
         )
         link = PullLink(record.sites, absent_after_s=self.settings.absent_after_s)
         with self._cond:

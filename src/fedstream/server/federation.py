@@ -23,6 +23,7 @@ from fedstream.link import ServerLink
 from fedstream.messages import EventBatch, Payload, Result, Task
 from fedstream.server.dispatch import Dispatch, TasksSent
 from fedstream.server.inbox import Inbox
+from fedstream.server.journal import EventJournal
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,13 @@ class Federation:
     Args:
         sites: the job's sites, in the job's order; only these may join.
         bus: the server's event bus (task and membership events are fired on it).
+        journal: where a deployed server records the sites' events (:class:`~fedstream.server.inbox.Inbox`).
     """
 
-    def __init__(self, sites: Sequence[str], bus: EventBus) -> None:
+    def __init__(self, sites: Sequence[str], bus: EventBus, journal: EventJournal | None = None) -> None:
         self.sites = tuple(sites)
         self.bus = bus
-        self.inbox = Inbox(bus)
+        self.inbox = Inbox(bus, journal)
         self._link: ServerLink | None = None
         self._lock = threading.Lock()
         self._joined: set[str] = set()

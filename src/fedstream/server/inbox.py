@@ -6,6 +6,10 @@ batch) is not handled; the acknowledgement tells the site where to resume. A new
 again after its host restarted) is taken from the number its first batch starts at: 1 for a new site, more
 for one whose earlier events a previous server process acknowledged (a site sends one batch at a time, so
 its first batch to this server is its oldest unacknowledged one).
+
+A deployed server records each batch of new events in its :class:`~fedstream.server.journal.EventJournal`
+before it fires them (so before the site hears the acknowledgement); each fired event carries its position
+there. A server restarted in the middle of the job takes each site's session and number from the journal.
 """
 
 from __future__ import annotations
@@ -16,24 +20,28 @@ from collections import defaultdict
 
 from fedstream.events import EventBus, Forwarded
 from fedstream.messages import EventBatch
+from fedstream.server.journal import EventJournal
 
 log = logging.getLogger(__name__)
 
 
 class Inbox:
-    """Per-site sequence tracking in front of the server's event bus."""
+    """Per-site sequence tracking in front of the server's event bus (and its ``journal``, if any)."""
 
-    def __init__(self, bus: EventBus) -> None:
+    def __init__(self, bus: EventBus, journal: EventJournal | None = None) -> None:
         self._bus = bus
+        self._journal = journal
         self._handled: dict[str, int] = defaultdict(int)
         self._sessions: dict[str, str] = {}
-        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        for site, (session, handled) in (journal.sites if journal else {}).items():
+            self._sessions[site], self._handled[site] = session, handled
+        self._lock = threading.Lock()  # one batch at a time: events reach the receivers in journal order
         self.received: dict[str, int] = defaultdict(int)
         self.duplicates: dict[str, int] = defaultdict(int)
 
     def receive(self, site: str, batch: EventBatch) -> int:
         """Fire the new events of ``batch`` as coming from ``site``; returns the last sequence number handled."""
-        with self._locks[site]:
+        with self._lock:
             known = self._sessions.get(site)
             if known != batch.session:
                 if known is not None:
@@ -51,8 +59,9 @@ class Inbox:
                 return handled
             fresh = batch.events[skip:]
             self.duplicates[site] += min(skip, len(batch.events))
-            for event in fresh:
-                self._bus.fire(Forwarded(event.name, site, event.data))
             self._handled[site] = handled + len(fresh)
+            at = self._journal.append(site, batch.session, self._handled[site], fresh) if self._journal and fresh else 0
+            for i, event in enumerate(fresh):
+                self._bus.fire(Forwarded(event.name, site, event.data, at + i if at else 0))
             self.received[site] += len(fresh)
             return self._handled[site]

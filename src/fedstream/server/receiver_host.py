@@ -18,6 +18,9 @@ Life of a receiver, driven by the server runtime:
    ``flush_interval_s``); events the backend did not take are kept and sent again after a growing pause;
 4. :meth:`ReceiverHost.stop` writes what is left until the deadline, closes the receiver, and counts what
    could not be written as dropped; at the deadline the process is stopped whatever it is doing.
+
+On a deployed server, forwarded events carry their position in the server's events journal, and the host
+reports (``on_written``) how far it has written: every event it was given before that position.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import multiprocessing
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -66,11 +69,19 @@ class ReceiverHost:
         self._thread: threading.Thread | None = None
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
+        self._on_written: Callable[[int], None] | None = None
+        self._oldest_position: int | None = None  # of the oldest journaled event given and not yet written
+        self._last_position = 0  # of the last journaled event given
+        self._written_below = 0  # what on_written last heard
 
     # -- driven by the runtime ----------------------------------------------------------------------------
-    def start(self, job: JobInfo, on_failure: Callable[[str], None]) -> None:
+    def start(
+        self, job: JobInfo, on_failure: Callable[[str], None], on_written: Callable[[int], None] | None = None
+    ) -> None:
         """Check the backend (raising :class:`TrackingError`), then start opening and feeding the receiver in
-        its process; ``on_failure`` hears if opening fails."""
+        its process; ``on_failure`` hears if opening fails, ``on_written`` how far it has written (see the
+        module)."""
+        self._on_written = on_written
         self.receiver.check(job)
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
@@ -103,6 +114,11 @@ class ReceiverHost:
                 self._oldest = time.monotonic()
                 self._cond.notify_all()  # the feeder sleeps while nothing waits: start its flush clock
             self._queue.append(event)
+            position = getattr(event, "position", 0)
+            if position:
+                self._last_position = position
+                if self._oldest_position is None:
+                    self._oldest_position = position
             if len(self._queue) == self.receiver.batch_size:
                 self._cond.notify_all()
 
@@ -130,6 +146,12 @@ class ReceiverHost:
         """Events received and not yet written (waiting, or on their way to the receiver's process)."""
         with self._cond:
             return len(self._queue) + self._inflight
+
+    @property
+    def oldest_unwritten(self) -> int | None:
+        """The journal position of the oldest event given and not yet written; ``None`` when there is none."""
+        with self._cond:
+            return self._oldest_position
 
     @property
     def unavailable(self) -> str:
@@ -206,7 +228,12 @@ class ReceiverHost:
                 self._unavailable = reason if pending else ""
                 pause = min(max(pause * 2, self.receiver.flush_interval_s), 30.0) if pending else 0.0
                 pause_until = time.monotonic() + pause
+                self._oldest_position = _first_position((held, *sent, self._queue))
+                below = self._last_position + 1 if self._oldest_position is None else self._oldest_position
                 self._cond.notify_all()
+            if self._on_written is not None and self._last_position and below != self._written_below:
+                self._written_below = below
+                self._on_written(below)
         return True
 
     def _take(self, not_before: float, *, wait: bool) -> list[Event] | None:
@@ -319,6 +346,16 @@ class ReceiverHost:
         """Under the lock: count ``count`` events as dropped."""
         self._report.dropped += count
         self._note_locked(reason)
+
+
+def _first_position(groups: Iterable[Iterable[Event]]) -> int | None:
+    """The journal position of the first journaled event in ``groups``, in order."""
+    for group in groups:
+        for event in group:
+            position: int = getattr(event, "position", 0)
+            if position:
+                return position
+    return None
 
 
 def _news(receiver: Receiver) -> dict[str, Any]:

@@ -9,6 +9,7 @@ ended and the receivers close their runs; a second interrupt only shortens the w
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any, ClassVar
@@ -29,6 +30,7 @@ from fedstream.events import EventBus
 from fedstream.link import ServerLink
 from fedstream.messages import Weights
 from fedstream.server.federation import Federation, SiteJoined, SiteLeft
+from fedstream.server.journal import EventJournal
 from fedstream.server.models import ModelStore
 from fedstream.server.receiver import JobInfo, JobOutcome, Receiver
 from fedstream.server.receiver_host import ReceiverHost
@@ -43,6 +45,7 @@ EXIT_FAILED = 1
 EXIT_TRACKING_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
 ROUNDS = "rounds.json"  # the completed rounds so far, for a job resumed after a server restart
+EVENTS = "events.jsonl"  # the sites' events until written, for a job resumed after a server restart
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ class ServerRuntime:
         job_id: the job's unique id.
         bus: the server's event bus; the caller may subscribe to it first (a progress view).
         details: extra ``result.json`` entries of the composition (the simulator's worker count).
+        journal_events: keep the sites' events in ``server/events.jsonl`` until the receivers wrote them, so
+            that a killed server loses none (:mod:`fedstream.server.journal`); a deployed server does.
     """
 
     def __init__(
@@ -121,6 +126,7 @@ class ServerRuntime:
         job_id: str,
         bus: EventBus | None = None,
         details: Callable[[], dict[str, Any]] | None = None,
+        journal_events: bool = False,
     ) -> None:
         self.job = job
         self.components = components
@@ -129,6 +135,7 @@ class ServerRuntime:
         self.job_id = job_id
         self.bus = bus or EventBus()
         self._details = details
+        self._journal_events = journal_events
         self._rounds: list[dict[str, Any]] = []
         self._membership: list[dict[str, Any]] = []
         self._cross_site: dict[str, Any] | None = None
@@ -145,14 +152,18 @@ class ServerRuntime:
         """
         began = time.monotonic() if began is None else began
         self._subscribe()
-        federation = self._federation = Federation(self.sites, self.bus)
+        hosts = {name: ReceiverHost(name, receiver) for name, receiver in self.components.receivers.items()}
+        self._hosts = list(hosts.values())
+        journal = taken = None
+        if self._journal_events:
+            journal = EventJournal(self.workspace.server / EVENTS, lambda: _oldest_unwritten(hosts.values()))
+            taken = journal.open()
+        federation = self._federation = Federation(self.sites, self.bus, journal)
         models = ModelStore(self.workspace.models)
         resumed_after = models.last_round()
         if resumed_after:  # the server restarted in the middle of this job: its earlier rounds count
             rounds = json.loads((self.workspace.server / ROUNDS).read_text())
             self._rounds = [entry for entry in rounds if entry["round"] <= resumed_after]
-        hosts = {name: ReceiverHost(name, receiver) for name, receiver in self.components.receivers.items()}
-        self._hosts = list(hosts.values())
         started: list[ReceiverHost] = []
         status, error, exit_code = "completed", "", EXIT_OK
         startup_s = 0.0
@@ -167,11 +178,13 @@ class ServerRuntime:
                     self.job.to_dict(),
                 )
                 for name, host in hosts.items():
-                    host.start(info, federation.abort)
+                    host.start(info, federation.abort, functools.partial(journal.mark, name) if journal else None)
                     started.append(host)
                     for event_name in host.events:
                         self.bus.subscribe(event_name, host.handle)
                     log.info("receiver %s listens to %s", name, ", ".join(host.events))
+                    for event in taken.unwritten(name, host.events) if taken else ():
+                        host.handle(event)  # what it had not written before the server restarted
                 federation.start(link)
                 startup_s = time.monotonic() - began
                 # built here and handed over: no reference stays here, so each round frees the model before it
@@ -226,6 +239,8 @@ class ServerRuntime:
                 tracking["handler_errors"] = self.bus.errors
                 if status == "completed":
                     exit_code = EXIT_TRACKING_INCOMPLETE
+            if journal is not None and exit_code != EXIT_INTERRUPTED:  # an interrupted job resumes: kept
+                journal.close()
             data = self._result(status, error, models, tracking, began, startup_s)
             if resumed_after:
                 data["resumed_after_round"] = resumed_after
@@ -327,6 +342,11 @@ class ServerRuntime:
                 **{site: str(ws.site(site) / LOG) for site in self.sites if (ws.site(site) / LOG).is_file()},
             },
         }
+
+
+def _oldest_unwritten(hosts: Iterable[ReceiverHost]) -> int | None:
+    """The journal position of the oldest event that a receiver has still to write."""
+    return min((position for host in hosts if (position := host.oldest_unwritten) is not None), default=None)
 
 
 def _round(summary: RoundSummary) -> dict[str, Any]:

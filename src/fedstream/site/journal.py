@@ -14,15 +14,12 @@ rewritten with only the unacknowledged events once everything is acknowledged.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from fedstream.jsonlines import JsonLines
 from fedstream.messages import WireEvent
-
-log = logging.getLogger(__name__)
 
 COMPACT_AFTER_LINES = 10_000
 
@@ -33,97 +30,52 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = -1
-        self._lines = 0
+        self._file = JsonLines(
+            path,
+            "the events journal",
+            "events are still sent, but those not yet delivered would be lost if this process were killed",
+        )
 
     def read(self) -> tuple[str, int, list[WireEvent]] | None:
         """What an earlier process of the site left: its session, the last acknowledged number and the events
         after it; ``None`` when there is no journal (or nothing usable in it)."""
-        try:
-            lines = self.path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.error("cannot read the events journal %s (%s); events it holds are not resent", self.path, exc)
-            return None
+        entries = self._file.read(_parse)
         events: list[WireEvent] = []
         session, acked = "", 0
-        for number, line in enumerate(lines):
-            try:
-                entry = json.loads(line)
-                if isinstance(entry, list):
-                    name, data = entry
-                    events.append(WireEvent(str(name), dict(data)))
-                    continue
-                session = str(entry.get("session", session))
-                new_acked = int(entry["acked"])
-            except (ValueError, TypeError, KeyError, AttributeError):  # a line cut short by a full disk, or edited
-                log.warning(
-                    "%s: line %d is not an event or acknowledgement; it and what follows are ignored",
-                    self.path,
-                    number + 1,
-                )
-                break
-            del events[: new_acked - acked]
-            acked = new_acked
+        for entry in entries or ():
+            if isinstance(entry, WireEvent):
+                events.append(entry)
+                continue
+            session = entry.get("session", session)
+            del events[: entry["acked"] - acked]
+            acked = entry["acked"]
         return (session, acked, events) if session else None
 
     def start(self, session: str, acked: int, pending: Iterable[WireEvent]) -> None:
-        """Begin the file anew with ``session``, ``acked`` and the ``pending`` events (written to a new file
-        that replaces the old one at once, so that a kill meanwhile leaves one or the other whole)."""
-        self.close()
-        lines = [_line({"session": session, "acked": acked}), *(_event_line(event) for event in pending)]
-        partial = self.path.with_name(self.path.name + ".partial")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_bytes(b"".join(lines))
-            partial.replace(self.path)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        except OSError as exc:
-            self._broken(exc)
-        self._lines = len(lines)
+        """Begin the file anew with ``session``, ``acked`` and the ``pending`` events."""
+        self._file.start([{"session": session, "acked": acked}, *([event.name, event.data] for event in pending)])
 
     @property
     def grown(self) -> bool:
-        return self._lines > COMPACT_AFTER_LINES
+        return self._file.lines > COMPACT_AFTER_LINES
 
     def append(self, event: WireEvent) -> None:
-        self._write(_event_line(event))
+        self._file.write([event.name, event.data])
 
     def acknowledged(self, seq: int) -> None:
-        self._write(_line({"acked": seq}))
+        self._file.write({"acked": seq})
 
     def close(self, *, remove: bool = False) -> None:
         """Stop writing; with ``remove``, delete the file (everything in it was delivered)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if remove:
-            self.path.unlink(missing_ok=True)
-
-    def _write(self, line: bytes) -> None:
-        if self._fd < 0:
-            return
-        try:
-            if os.write(self._fd, line) != len(line):
-                raise OSError("the disk is full")
-            self._lines += 1
-        except OSError as exc:
-            self._broken(exc)
-
-    def _broken(self, exc: OSError) -> None:
-        log.error(
-            "cannot write the events journal %s (%s): events are still sent, but those not yet delivered would "
-            "be lost if this process were killed",
-            self.path,
-            exc,
-        )
-        self.close()
+        self._file.close(remove=remove)
 
 
-def _line(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), allow_nan=True).encode() + b"\n"
-
-
-def _event_line(event: WireEvent) -> bytes:
-    return _line([event.name, event.data])
+def _parse(entry: Any) -> WireEvent | dict[str, Any]:
+    """An event (``[name, data]``) or an acknowledgement (``{"acked": N}``, with the session in the first)."""
+    if isinstance(entry, list):
+        name, data = entry
+        return WireEvent(str(name), dict(data))
+    parsed: dict[str, Any] = {"acked": int(entry["acked"])}
+    if "session" in entry:
+        parsed["session"] = str(entry["session"])
+    return parsed
