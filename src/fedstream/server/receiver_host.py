@@ -228,13 +228,20 @@ class ReceiverHost:
                 self._unavailable = reason if pending else ""
                 pause = min(max(pause * 2, self.receiver.flush_interval_s), 30.0) if pending else 0.0
                 pause_until = time.monotonic() + pause
-                self._oldest_position = _first_position((held, *sent, self._queue))
-                below = self._last_position + 1 if self._oldest_position is None else self._oldest_position
+                below = self._written_progress(held, sent)
                 self._cond.notify_all()
-            if self._on_written is not None and self._last_position and below != self._written_below:
+            if self._on_written is not None and below != self._written_below:
                 self._written_below = below
                 self._on_written(below)
         return True
+
+    def _written_progress(self, held: list[Event], sent: deque[list[Event]]) -> int:
+        """Under the lock: every journaled event given before the returned position is written (0: nothing
+        journaled was given, or nobody listens)."""
+        if self._on_written is None or not self._last_position:
+            return 0
+        self._oldest_position = _first_position((held, *sent, self._queue))
+        return self._last_position + 1 if self._oldest_position is None else self._oldest_position
 
     def _take(self, not_before: float, *, wait: bool) -> list[Event] | None:
         """The next batch (not before ``not_before``: a pause after a failure); ``None`` when stopping and
