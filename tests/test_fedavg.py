@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -9,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from fedstream.config.schema import ForwardConfig
 from fedstream.errors import JobFailed
 from fedstream.events import EventBus
-from fedstream.messages import Task
+from fedstream.messages import Payload, Result, Task
 from fedstream.server.dispatch import TaskDone
 from fedstream.server.federation import Federation
 from fedstream.server.models import ModelStore
 from fedstream.site.context import SiteContext
 from fedstream.site.executor import Executor, TaskOutput
+from fedstream.site.host import SiteHost
+from fedstream.site.site import Site
 from fedstream.workflows import FedAvg
 from fedstream.workflows.base import RoundCompleted, RoundSummary
 from tests.local_link import LocalLink
@@ -207,3 +211,84 @@ def test_the_best_model_is_kept_without_a_copy_and_stays_when_global_moves_on(tm
     models.save("global", {"w": np.full(3, 2.0, np.float32)})
     assert saved(models, "best").tolist() == [1.0, 1.0, 1.0] and saved(models).tolist() == [2.0, 2.0, 2.0]
     assert ModelStore(tmp_path / "models").paths.keys() == {"global", "best"}
+
+
+class Recording:
+    """The SiteLink of a test that hands a host its tasks itself: it keeps what the host sends back."""
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+
+    def start(self, endpoint: object, sites: object) -> None:
+        pass
+
+    def send_result(self, result: Result) -> None:
+        self.results.append(result)
+
+    def send_events(self, batch: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Counting(Executor):
+    """Returns how many tasks it ran; the first run of task ``flaky`` fails."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+
+    def setup(self, site: SiteContext) -> None:
+        pass
+
+    def execute(self, task: Task) -> TaskOutput:
+        self.runs.append(task.id)
+        if self.runs.count("flaky") == 1 and task.id == "flaky":
+            raise RuntimeError("the first try fails")
+        return TaskOutput(len(self.runs))
+
+
+def test_a_task_that_comes_again_is_answered_with_the_result_the_site_has(tmp_path: Path) -> None:
+    # A server resumed after a restart sends the interrupted round's tasks again, under the same ids.
+    executor, link = Counting(), Recording()
+    context = SiteContext("site-1", 0, 1, "job", "id", tmp_path, EventBus(), logging.getLogger("site-1"))
+    host = SiteHost(
+        link,  # type: ignore[arg-type]
+        ["site-1"],
+        lambda name: Site(context, executor, lambda batch: None, ForwardConfig(), stall_timeout_s=5),
+    )
+    serving = threading.Thread(target=host.serve)
+    serving.start()
+    for task_id in ("A", "A", "B", "A", "flaky", "flaky"):
+        host.task_received(Task(task_id, "site-1", "train", 1, 1, Payload()))
+    host.shutdown("done")
+    serving.join(30)
+    assert executor.runs == ["A", "B", "A", "flaky", "flaky"], "again at once: not run; after another task: run"
+    answers = [(result.task_id, result.num_samples, result.failure is None) for result in link.results]
+    assert answers == [
+        ("A", 1, True),
+        ("A", 1, True),
+        ("B", 2, True),
+        ("A", 3, True),
+        ("flaky", 0, False),
+        ("flaky", 5, True),
+    ], "the same result for a task again at once; a failure is tried again"
+
+
+def test_task_ids_say_what_the_task_is_so_that_a_resumed_server_sends_the_same_ones(tmp_path: Path) -> None:
+    ids = []
+    for server in ("first", "resumed"):
+        link = LocalLink([["site-1"], ["site-2"]], lambda site: Adder(site), tmp_path / server)
+        federation = Federation(["site-1", "site-2"], EventBus())
+        federation.start(link)
+        for kind in ("train", "validate", "validate"):
+            dispatch = federation.dispatch(kind, 3, 4, {"site-1": Payload(), "site-2": Payload()}, 30)
+            ids.append(sorted(dispatch.pending))
+            while dispatch.next_reply() is not None:
+                pass
+        link.close()
+    assert ids[0] == ["3.train.site-1.1", "3.train.site-2.1"] and ids[2] == [
+        "3.validate.site-1.2",
+        "3.validate.site-2.2",
+    ]
+    assert ids[:3] == ids[3:]

@@ -124,6 +124,7 @@ class GrpcSiteLink:
             while not self._stop.is_set():
                 try:
                     self._join(b"", metadata=self._metadata, timeout=30)
+                    self._have = ""  # a restarted server sends its running task again: the host answers it
                     return
                 except grpc.RpcError as exc:
                     if self._fatal(exc):

@@ -8,11 +8,10 @@ belongs to, and passes event batches to the :class:`~fedstream.server.inbox.Inbo
 
 from __future__ import annotations
 
-import itertools
 import logging
-import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -62,8 +61,10 @@ class Federation:
         self._lock = threading.Lock()
         self._joined: set[str] = set()
         self._routes: dict[str, tuple[Task, Dispatch]] = {}
-        self._ids = itertools.count(1)
-        self._prefix = secrets.token_hex(3)  # task ids never repeat, also across restarts of the server
+        # A task's id says what it is (round, kind, site, and which of that round's tasks of that kind for the
+        # site): a server resumed after a restart sends the interrupted round's tasks under the ids they had,
+        # so a site answers one it has already done with the result it has, instead of training again.
+        self._sent: Counter[tuple[int, str, str]] = Counter()
         self._aborted = ""
 
     def start(self, link: ServerLink) -> None:
@@ -141,7 +142,9 @@ class Federation:
             raise RuntimeError("Federation.dispatch before start()")
         tasks = {}
         for site, payload in payloads.items():
-            task = Task(f"{self._prefix}-{next(self._ids)}", site, kind, round, num_rounds, payload)
+            self._sent[round, kind, site] += 1
+            task_id = f"{round}.{kind}.{site}.{self._sent[round, kind, site]}"
+            task = Task(task_id, site, kind, round, num_rounds, payload)
             tasks[task.id] = task
         dispatch = Dispatch(tasks, timeout_s, self.bus, self._cancel)
         with self._lock:

@@ -2,7 +2,9 @@
 send results back, and deliver every site's events before stopping.
 
 The simulator's worker processes are site hosts over a pipe; a deployed client is a site host over the
-network. A host runs one task at a time, in the order the server sent them.
+network. A host runs one task at a time, in the order the server sent them. A task that comes again (a server
+resumed after a restart sends the interrupted round's tasks again, under the same ids) is answered with the
+result the site already has, so its training and what it logs are not repeated.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class SiteHost:
         self._make_site = make_site
         self._sites: dict[str, Site] = {}
         self._tasks: queue.Queue[Task | None] = queue.Queue()
+        self._answered: dict[str, Result] = {}  # each site's last result, kept until its next other task
 
     # -- SiteEndpoint ---------------------------------------------------------------------------------------
     def task_received(self, task: Task) -> None:
@@ -56,7 +59,17 @@ class SiteHost:
         if task.site not in self._names:
             reason = f"this host does not run {task.site!r}"
             return Result(task.id, task.site, failure=Failure(task.site, task.kind, reason))
+        last = self._answered.pop(task.site, None)
+        if last is not None and last.task_id == task.id:
+            log.info(
+                "%s: task %s came again (the server restarted); sending the result it already has", task.site, task.id
+            )
+            self._answered[task.site] = last
+            return last
         site = self._sites.get(task.site)
         if site is None:
             site = self._sites[task.site] = self._make_site(task.site)
-        return site.handle(task)
+        result = site.handle(task)
+        if result.failure is None:  # a failure is not kept: a task that comes again is tried again
+            self._answered[task.site] = result
+        return result
