@@ -365,6 +365,33 @@ def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_p
         assert turns == list(range(40)), f"{site}: every step once, also of the round the restart interrupted"
 
 
+def test_a_server_killed_in_the_first_round_starts_it_again_and_loses_or_repeats_nothing(tmp_path: Path) -> None:
+    # Killed once the sites' first events are journaled, while they still train: no round is completed, so the
+    # job starts again at round 1 in its folder, the journal's events are written, the sites answer round 1's
+    # tasks (sent again under their ids) with the results they have.
+    job = turns_job(tmp_path, rounds=2, trainer_args="seconds = 2.0\nsteps = 10")
+    mlflow = ["server.receivers.mlflow.path=fedstream.tracking.MLflowReceiver"]
+    mlflow.append("server.receivers.mlflow.args.flush_interval_s=60")
+    with federation(tmp_path / "ws", 2) as local:
+        job_id = local.admin.submit(job, mlflow, ["site-1", "site-2"])
+        journal = tmp_path / "ws" / "server" / "jobs" / job_id / "server" / "events.jsonl"
+        wait_for(lambda: journal.is_file() and journal.read_bytes().count(b'"site"') >= 2, "both sites' events")
+        local.restart("server", signal.SIGKILL)
+        status = local.admin.follow(job_id, lambda status: None)
+    result = status["result"]
+    assert status["state"] == "completed", result["error"]
+    assert [r["round"] for r in result["rounds"]] == [1, 2] and "resumed_after_round" not in result
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("turns")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    for site in ("site-1", "site-2"):
+        (run,) = [run for run in runs if run.info.run_name == site]
+        turns = sorted(m.step for m in client.get_metric_history(run.info.run_id, "turn"))
+        assert turns == list(range(20)), f"{site}: every step once"
+    assert not journal.exists(), "the job ended: its journal is removed"
+
+
 def test_an_admin_reads_the_log_and_downloads_the_outputs(deployment: Any, tmp_path: Path) -> None:
     workspace, admin = deployment
     job_id = admin.submit(turns_job(tmp_path), [], ["site-1", "site-2"])
