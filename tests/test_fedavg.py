@@ -23,7 +23,7 @@ from fedstream.site.host import SiteHost
 from fedstream.site.site import Site
 from fedstream.workflows import FedAvg
 from fedstream.workflows.base import RoundCompleted, RoundSummary
-from tests.local_link import LocalLink
+from tests.local_link import LocalLink, over_the_wire
 
 START = {"w": np.zeros((2, 2), np.float32), "n": np.zeros(1, np.int64)}
 # site -> (value added when training, number of samples)
@@ -214,7 +214,8 @@ def test_the_best_model_is_kept_without_a_copy_and_stays_when_global_moves_on(tm
 
 
 class Recording:
-    """The SiteLink of a test that hands a host its tasks itself: it keeps what the host sends back."""
+    """The SiteLink of a test that hands a host its tasks itself: it keeps what the host sends back, as the
+    wire carries it (encoded when sent)."""
 
     def __init__(self) -> None:
         self.results: list[Result] = []
@@ -223,7 +224,7 @@ class Recording:
         pass
 
     def send_result(self, result: Result) -> None:
-        self.results.append(result)
+        self.results.append(over_the_wire(result))
 
     def send_events(self, batch: object) -> None:
         pass
@@ -233,10 +234,11 @@ class Recording:
 
 
 class Counting(Executor):
-    """Returns how many tasks it ran; the first run of task ``flaky`` fails."""
+    """Returns how many tasks it ran, as weights that are a view of its model; ``flaky`` fails its first run."""
 
     def __init__(self) -> None:
         self.runs: list[str] = []
+        self.model = np.zeros(2, np.float32)
 
     def setup(self, site: SiteContext) -> None:
         pass
@@ -245,7 +247,8 @@ class Counting(Executor):
         self.runs.append(task.id)
         if self.runs.count("flaky") == 1 and task.id == "flaky":
             raise RuntimeError("the first try fails")
-        return TaskOutput(len(self.runs))
+        self.model[:] = len(self.runs)
+        return TaskOutput(len(self.runs), weights={"w": self.model[:]})
 
 
 def test_a_task_that_comes_again_is_answered_with_the_result_the_site_has(tmp_path: Path) -> None:
@@ -256,23 +259,27 @@ def test_a_task_that_comes_again_is_answered_with_the_result_the_site_has(tmp_pa
         link,  # type: ignore[arg-type]
         ["site-1"],
         lambda name: Site(context, executor, lambda batch: None, ForwardConfig(), stall_timeout_s=5),
+        keep_round_results=True,
     )
     serving = threading.Thread(target=host.serve)
     serving.start()
-    for task_id in ("A", "A", "B", "A", "flaky", "flaky"):
-        host.task_received(Task(task_id, "site-1", "train", 1, 1, Payload()))
+    sent = [("1.a", 1), ("1.a", 1), ("1.b", 1), ("1.a", 1), ("2.a", 2), ("1.a", 1), ("flaky", 2), ("flaky", 2)]
+    for task_id, round in sent:
+        host.task_received(Task(task_id, "site-1", "train", round, 2, Payload()))
     host.shutdown("done")
     serving.join(30)
-    assert executor.runs == ["A", "B", "A", "flaky", "flaky"], "again at once: not run; after another task: run"
-    answers = [(result.task_id, result.num_samples, result.failure is None) for result in link.results]
+    assert executor.runs == ["1.a", "1.b", "2.a", "1.a", "flaky", "flaky"], "kept for the round, then dropped"
+    answers = [(r.task_id, r.num_samples, r.weights["w"][0] if r.weights else None) for r in link.results]
     assert answers == [
-        ("A", 1, True),
-        ("A", 1, True),
-        ("B", 2, True),
-        ("A", 3, True),
-        ("flaky", 0, False),
-        ("flaky", 5, True),
-    ], "the same result for a task again at once; a failure is tried again"
+        ("1.a", 1, 1.0),
+        ("1.a", 1, 1.0),
+        ("1.b", 2, 2.0),
+        ("1.a", 1, 1.0),  # its weights were copied before 1.b overwrote the model
+        ("2.a", 3, 3.0),
+        ("1.a", 4, 4.0),
+        ("flaky", 0, None),  # a failure is tried again
+        ("flaky", 6, 6.0),
+    ]
 
 
 def test_task_ids_say_what_the_task_is_so_that_a_resumed_server_sends_the_same_ones(tmp_path: Path) -> None:

@@ -199,7 +199,7 @@ def site_main(kit_dir: str) -> None:
         failure = exc
         executor = lambda: Unusable(failure)  # noqa: E731
     make = job_sites(job, job_id, indices, len(sites), folder, link.send_events, executor, journal_events=True)
-    SiteHost(link, [site], make).serve()
+    SiteHost(link, [site], make, keep_round_results=True).serve()
     logging.shutdown()
 
 

@@ -2,9 +2,14 @@
 send results back, and deliver every site's events before stopping.
 
 The simulator's worker processes are site hosts over a pipe; a deployed client is a site host over the
-network. A host runs one task at a time, in the order the server sent them. A task that comes again (a server
-resumed after a restart sends the interrupted round's tasks again, under the same ids) is answered with the
-result the site already has, so its training and what it logs are not repeated.
+network. A host runs one task at a time, in the order the server sent them.
+
+A deployed host (``keep_round_results``) keeps each site's results of its current round: a server resumed
+after a restart sends the interrupted round's tasks again, under the same ids, and a task that comes again
+is answered with the result the site has, so its training and what it logs are not repeated. A result's
+weights are often views of the trainer's model, which the round's next task overwrites: before a site runs
+another task of the same round, the arrays of its kept results are copied (a model's worth of memory until
+the next round). A failure is not kept: a task that comes again is tried again.
 """
 
 from __future__ import annotations
@@ -23,13 +28,21 @@ log = logging.getLogger(__name__)
 class SiteHost:
     """Serves ``sites`` (made on first use by ``make_site``) over ``link`` until the server shuts it down."""
 
-    def __init__(self, link: SiteLink, sites: Sequence[str], make_site: Callable[[str], Site]) -> None:
+    def __init__(
+        self,
+        link: SiteLink,
+        sites: Sequence[str],
+        make_site: Callable[[str], Site],
+        *,
+        keep_round_results: bool = False,
+    ) -> None:
         self._link = link
         self._names = list(sites)
         self._make_site = make_site
         self._sites: dict[str, Site] = {}
         self._tasks: queue.Queue[Task | None] = queue.Queue()
-        self._answered: dict[str, Result] = {}  # each site's last result, kept until its next other task
+        self._keep = keep_round_results
+        self._kept: dict[str, tuple[int, dict[str, Result]]] = {}  # site -> its round, and results by task id
 
     # -- SiteEndpoint ---------------------------------------------------------------------------------------
     def task_received(self, task: Task) -> None:
@@ -59,17 +72,27 @@ class SiteHost:
         if task.site not in self._names:
             reason = f"this host does not run {task.site!r}"
             return Result(task.id, task.site, failure=Failure(task.site, task.kind, reason))
-        last = self._answered.pop(task.site, None)
-        if last is not None and last.task_id == task.id:
-            log.info(
-                "%s: task %s came again (the server restarted); sending the result it already has", task.site, task.id
-            )
-            self._answered[task.site] = last
-            return last
+        round, kept = self._kept.get(task.site, (task.round, {}))
+        if task.id in kept:
+            log.info("%s: task %s came again (the server restarted); sending the result it has", task.site, task.id)
+            return kept[task.id]
+        if round != task.round:
+            kept = {}
+        for done in kept.values():
+            _own(done)
+        self._kept[task.site] = (task.round, kept)
         site = self._sites.get(task.site)
         if site is None:
             site = self._sites[task.site] = self._make_site(task.site)
         result = site.handle(task)
-        if result.failure is None:  # a failure is not kept: a task that comes again is tried again
-            self._answered[task.site] = result
+        if self._keep and result.failure is None:
+            kept[task.id] = result
         return result
+
+
+def _own(result: Result) -> None:
+    """Give ``result`` arrays of its own where it holds views of another array (the trainer's model)."""
+    for arrays in (result.weights, *result.extra.values()):
+        for name, array in arrays.items():
+            if array.base is not None:
+                arrays[name] = array.copy()

@@ -48,10 +48,12 @@ class RoundSummary:
 
 @dataclass(frozen=True)
 class RoundCompleted:
-    """A round ended with a new global model."""
+    """A round ended with a new global model; ``position`` is its place in the deployed server's events
+    journal (0: not journaled)."""
 
     name: ClassVar[str] = "round_completed"
     summary: RoundSummary
+    position: int = 0
 
 
 class Workflow(ABC):
