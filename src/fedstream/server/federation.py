@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from fedstream.errors import JobFailed
 from fedstream.events import EventBus
@@ -22,7 +22,9 @@ from fedstream.link import ServerLink
 from fedstream.messages import EventBatch, Payload, Result, Task
 from fedstream.server.dispatch import Dispatch, TasksSent
 from fedstream.server.inbox import Inbox
-from fedstream.server.journal import EventJournal
+
+if TYPE_CHECKING:  # the journal knows the workflows' round events, which know the federation
+    from fedstream.server.journal import EventJournal
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from fedstream.events import EventBus, Forwarded
 from fedstream.messages import EventBatch
-from fedstream.server.journal import EventJournal
+
+if TYPE_CHECKING:  # the journal knows the workflows' round events, which know the federation
+    from fedstream.server.journal import EventJournal
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,14 @@ class Inbox:
             fresh = batch.events[skip:]
             self.duplicates[site] += min(skip, len(batch.events))
             self._handled[site] = handled + len(fresh)
-            at = self._journal.append(site, batch.session, self._handled[site], fresh) if self._journal and fresh else 0
-            for i, event in enumerate(fresh):
-                self._bus.fire(Forwarded(event.name, site, event.data, at + i if at else 0))
+
+            def fire(at: int) -> None:
+                for i, event in enumerate(fresh):
+                    self._bus.fire(Forwarded(event.name, site, event.data, at + i if at else 0))
+
+            if self._journal is not None and fresh:
+                self._journal.append(site, batch.session, self._handled[site], fresh, fire)
+            else:
+                fire(0)
             self.received[site] += len(fresh)
             return self._handled[site]

@@ -1,35 +1,38 @@
-"""A deployed server's record of the site events it acknowledged, kept until its receivers have written them.
+"""A deployed server's record of the events it has given its receivers, kept until they have written them.
 
 Why: the server acknowledges a site's events once its receiver hosts have them queued, and the hosts write
 them a moment later, in batches. A server killed meanwhile (SIGKILL, an out-of-memory kill) would lose what
-it had acknowledged and not written, and the sites, told it was delivered, would not send it again.
+it had acknowledged and not written, and the sites, told it was delivered, would not send it again. The
+same holds for the server's own record of each completed round (its global metrics).
 
 So the :class:`~fedstream.server.inbox.Inbox` appends each batch of new events here before it hands them
-over (and so before the site hears the acknowledgement), which gives each event a *position*; each receiver
-host records how far it has written: every event it was given before position P is written or given up.
-A server that restarts in the middle of the job reads the file back: the inbox continues each site's
-numbering (a batch sent again is not taken twice), and each receiver is given again the events of its
-kinds from its mark on. What can repeat is what a receiver wrote in the instant before its mark was
-recorded (MLflow keeps a metric logged twice with the same step, time and value once).
+over (and so before the site hears the acknowledgement), and the runtime each completed round; that gives
+each event a *position*, in the order the receivers are given them. Each receiver host records how far it
+has written: every event it was given before position P is written or given up. A server that restarts in
+the middle of the job reads the file back: the inbox continues each site's numbering (a batch sent again is
+not taken twice), and each receiver is given again the events of its kinds from its mark on. What can
+repeat is what a receiver wrote in the instant before its mark was recorded (MLflow keeps a metric logged
+twice with the same step, time and value once).
 
 Lines (:mod:`fedstream.jsonlines`): ``{"next": P, "sites": {site: [session, handled]}, "marks": {name: P}}``
-first; then ``{"site", "session", "handled", "at": P, "events": [[name, data], ...]}`` for a batch whose first
-event has position P, and ``{"receiver": name, "below": P}`` for a mark. The file is written anew without
-what every receiver has written after every 100,000 events, and removed when the job ends.
-"""
+first; then ``{"at": P, "site", "session", "handled", "events": [[name, data], ...]}`` for a batch whose first
+event has position P, ``{"at": P, "round": summary}`` for a completed round, and ``{"receiver": name,
+"below": P}`` for a mark. The file is written anew without what every receiver has written after every
+100,000 events, and removed when the job ends."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedstream.events import Forwarded
+from fedstream.events import Event, Forwarded
 from fedstream.jsonlines import JsonLines
-from fedstream.messages import WireEvent
+from fedstream.messages import Failure, WireEvent
+from fedstream.workflows.base import RoundCompleted, RoundSummary
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +43,33 @@ COMPACT_EVERY = 100_000
 @dataclass
 class Taken:
     """What the journal holds: each site's session and last handled number, each receiver's mark, and the
-    events by position (with their site) from the oldest one kept."""
+    events by position from the oldest one kept: the sites' (with their site) and the completed rounds."""
 
     sites: dict[str, tuple[str, int]] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)
     events: list[tuple[int, str, WireEvent]] = field(default_factory=list)
+    rounds: list[tuple[int, RoundSummary]] = field(default_factory=list)
     next: int = 1
 
-    def unwritten(self, receiver: str, kinds: Collection[str]) -> list[Forwarded]:
+    def unwritten(self, receiver: str, kinds: Collection[str]) -> list[Event]:
         """The events of ``kinds`` that ``receiver`` had not written, as they were fired the first time."""
         below = self.marks.get(receiver, 0)
-        return [
-            Forwarded(event.name, site, event.data, at)
+        found: list[tuple[int, Event]] = [
+            (at, Forwarded(event.name, site, event.data, at))
             for at, site, event in self.events
             if at >= below and event.name in kinds
         ]
+        if RoundCompleted.name in kinds:
+            found += [(at, RoundCompleted(summary, at)) for at, summary in self.rounds if at >= below]
+        return [event for _, event in sorted(found, key=lambda entry: entry[0])]
+
+    def copy(self) -> Taken:
+        return Taken(dict(self.sites), dict(self.marks), list(self.events), list(self.rounds), self.next)
 
 
 class EventJournal:
     """The server's events journal of one job at ``path``; ``oldest_unwritten`` gives the position of the
-    oldest event a receiver still has to write (``None``: none), asked only while no batch is being handed
+    oldest event a receiver still has to write (``None``: none), asked only while nothing is being handed
     over. A write that fails turns the journal off with one error in the log: events are still written."""
 
     def __init__(self, path: Path, oldest_unwritten: Callable[[], int | None]) -> None:
@@ -70,7 +80,8 @@ class EventJournal:
             "were killed",
         )
         self._oldest_unwritten = oldest_unwritten
-        self._lock = threading.Lock()
+        self._order = threading.Lock()  # one hand-over at a time: receivers are given events in journal order
+        self._lock = threading.Lock()  # the file and the state
         self._state = Taken()
         self._since_compaction = 0
 
@@ -85,34 +96,31 @@ class EventJournal:
         file anew with it."""
         with self._lock:
             self._state = _fold(self._file.read(_parse) or [])
-            self._rewrite(self._state.events)
-            if self._state.events:
-                log.info(
-                    "%d site events from before the restart are written again where a receiver had not written them",
-                    len(self._state.events),
-                )
-            return Taken(dict(self._state.sites), dict(self._state.marks), list(self._state.events), self._state.next)
+            self._rewrite(self._state.copy())
+            count = len(self._state.events) + len(self._state.rounds)
+            if count:
+                log.info("%d events from before the restart are written where a receiver had not written them", count)
+            return self._state.copy()
 
-    def append(self, site: str, session: str, handled: int, events: Sequence[WireEvent]) -> int:
-        """Record ``events`` of ``site`` (``handled`` is its last number after them); returns the position of
-        the first. The caller hands them over only after this, and appends no other batch meanwhile."""
-        with self._lock:
-            if self._since_compaction >= COMPACT_EVERY:
-                self._compact()
-            at = self._state.next
-            self._state.next += len(events)
-            self._state.sites[site] = (session, handled)
-            self._since_compaction += len(events)
-            self._file.write(
-                {
-                    "site": site,
-                    "session": session,
-                    "handled": handled,
-                    "at": at,
-                    "events": [[event.name, event.data] for event in events],
-                }
-            )
-            return at
+    def append(
+        self, site: str, session: str, handled: int, events: Sequence[WireEvent], hand_over: Callable[[int], None]
+    ) -> None:
+        """Record ``events`` of ``site`` (``handled`` is its last number after them), then call ``hand_over``
+        with the position of the first, before anything else is recorded."""
+        line = {"site": site, "session": session, "handled": handled, "events": [[e.name, e.data] for e in events]}
+        with self._order:
+            with self._lock:
+                self._state.sites[site] = (session, handled)
+                at = self._record(line, len(events))
+            hand_over(at)
+
+    def append_round(self, summary: RoundSummary, hand_over: Callable[[int], None]) -> None:
+        """Record a completed round, then call ``hand_over`` with its position, before anything else is
+        recorded."""
+        with self._order:
+            with self._lock:
+                at = self._record({"round": asdict(summary)}, 1)
+            hand_over(at)
 
     def mark(self, receiver: str, below: int) -> None:
         """``receiver`` has written (or given up) every event it was given before position ``below``."""
@@ -125,28 +133,49 @@ class EventJournal:
         with self._lock:
             self._file.close(remove=True)
 
+    def _record(self, line: dict[str, Any], count: int) -> int:
+        """Under both locks: write ``line`` of ``count`` events at the next position; returns it."""
+        if self._since_compaction >= COMPACT_EVERY:
+            self._compact()
+        at = self._state.next
+        self._state.next += count
+        self._since_compaction += count
+        self._file.write({"at": at, **line})
+        return at
+
     def _compact(self) -> None:
-        """Under the lock: write the file anew without the events every receiver has written."""
+        """Under both locks: write the file anew without the events every receiver has written."""
         self._since_compaction = 0
         oldest = self._oldest_unwritten()
         keep_from = self._state.next if oldest is None else oldest
-        kept = [entry for entry in _fold(self._file.read(_parse) or []).events if entry[0] >= keep_from]
-        self._rewrite(kept)
+        held = _fold(self._file.read(_parse) or [])
+        held.events = [entry for entry in held.events if entry[0] >= keep_from]
+        held.rounds = [entry for entry in held.rounds if entry[0] >= keep_from]
+        self._rewrite(held)
 
-    def _rewrite(self, events: list[tuple[int, str, WireEvent]]) -> None:
+    def _rewrite(self, held: Taken) -> None:
+        """Begin the file anew with the state and the events of ``held``."""
         state = self._state
         header = {"next": state.next, "sites": state.sites, "marks": state.marks}
-        self._file.start([header, *({"at": at, "site": site, "events": [[e.name, e.data]]} for at, site, e in events)])
+        lines: list[tuple[int, dict[str, Any]]] = [
+            *((at, {"at": at, "site": site, "events": [[e.name, e.data]]}) for at, site, e in held.events),
+            *((at, {"at": at, "round": asdict(summary)}) for at, summary in held.rounds),
+        ]
+        self._file.start([header, *(line for _, line in sorted(lines, key=lambda entry: entry[0]))])
 
 
 def _parse(entry: Any) -> dict[str, Any]:
-    """One line, checked: a header, a batch or a mark."""
+    """One line, checked: a header, a batch, a round or a mark."""
     if "receiver" in entry:
         return {"receiver": str(entry["receiver"]), "below": int(entry["below"])}
     if "next" in entry:
         sites = {str(site): (str(session), int(handled)) for site, (session, handled) in entry["sites"].items()}
         marks = {str(name): int(below) for name, below in entry["marks"].items()}
         return {"next": int(entry["next"]), "sites": sites, "marks": marks}
+    if "round" in entry:
+        data = dict(entry["round"])
+        data["failed"] = [Failure(**failure) for failure in data["failed"]]
+        return {"at": int(entry["at"]), "round": RoundSummary(**data)}
     batch: dict[str, Any] = {
         "at": int(entry["at"]),
         "site": str(entry["site"]),
@@ -164,7 +193,10 @@ def _fold(entries: list[dict[str, Any]]) -> Taken:
         if "receiver" in entry:
             state.marks[entry["receiver"]] = entry["below"]
         elif "next" in entry:
-            state = Taken(entry["sites"], entry["marks"], [], entry["next"])
+            state = Taken(entry["sites"], entry["marks"], next=entry["next"])
+        elif "round" in entry:
+            state.rounds.append((entry["at"], entry["round"]))
+            state.next = max(state.next, entry["at"] + 1)
         else:
             state.events += [(entry["at"] + i, entry["site"], event) for i, event in enumerate(entry["events"])]
             state.next = max(state.next, entry["at"] + len(entry["events"]))

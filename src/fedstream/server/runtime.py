@@ -9,6 +9,7 @@ ended and the receivers close their runs; a second interrupt only shortens the w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -181,10 +182,15 @@ class ServerRuntime:
                     host.start(info, federation.abort, functools.partial(journal.mark, name) if journal else None)
                     started.append(host)
                     for event_name in host.events:
-                        self.bus.subscribe(event_name, host.handle)
+                        if not (journal and event_name == RoundCompleted.name):  # journaled: see below
+                            self.bus.subscribe(event_name, host.handle)
                     log.info("receiver %s listens to %s", name, ", ".join(host.events))
                     for event in taken.unwritten(name, host.events) if taken else ():
                         host.handle(event)  # what it had not written before the server restarted
+                if journal is not None:
+                    self._journal_rounds(
+                        journal, [host for host in hosts.values() if RoundCompleted.name in host.events]
+                    )
                 federation.start(link)
                 startup_s = time.monotonic() - began
                 # built here and handed over: no reference stays here, so each round frees the model before it
@@ -248,6 +254,19 @@ class ServerRuntime:
         self.bus.fire(JobFinished(data))
         log.info("job %s %s in %.1f s", self.job.name, status, data["timing"]["total_s"])
         return RunResult(data, exit_code, self.workspace)
+
+    def _journal_rounds(self, journal: EventJournal, hosts: list[ReceiverHost]) -> None:
+        """Give ``hosts`` each completed round through ``journal``, as the inbox gives them the sites' events."""
+
+        def journaled(event: RoundCompleted) -> None:
+            def hand_over(at: int) -> None:
+                for host in hosts:
+                    host.handle(dataclasses.replace(event, position=at))
+
+            journal.append_round(event.summary, hand_over)
+
+        if hosts:
+            self.bus.subscribe(RoundCompleted, journaled)
 
     def abort(self, reason: str) -> None:
         """Make the running job fail with ``reason`` (from another thread); nothing before it starts."""
