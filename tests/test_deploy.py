@@ -174,6 +174,23 @@ def test_connection_errors_say_what_to_do(deployment: Any) -> None:
             Admin(kit, address).jobs()
 
 
+def test_a_second_server_client_or_poc_on_a_folder_in_use_stops_at_once(deployment: Any) -> None:
+    workspace, admin = deployment
+    kits = workspace / "kits"
+    port = str(free_port())
+    second = {
+        "the fedstream server server": ["server", "start", str(kits / "server"), "-w", str(workspace / "server")],
+        "the fedstream client of site-1": ["client", "start", str(kits / "site-1"), "-w", str(workspace / "site-1")],
+        "fedstream poc": ["poc", str(REPO / "jobs" / "hello-pt"), "-n", "2", "-w", str(workspace)],
+    }
+    second["the fedstream server server"] += ["--listen", f"127.0.0.1:{port}"]
+    for holder, args in second.items():
+        done = run_cli(*args, timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"in use by {holder} (pid " in done.stderr and "Traceback" not in done.stderr, done.stderr
+    wait_for(lambda: [site["site"] for site in admin.sites()] == ["site-1", "site-2"], "the running ones to go on")
+
+
 def test_jobs_list_and_status_from_the_command_line(deployment: Any) -> None:
     workspace, _ = deployment
     done = run_cli("jobs", "list", "--kit", str(workspace / "kits" / "admin"))

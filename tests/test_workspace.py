@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedstream.errors import ConfigError
-from fedstream.workspace import MARKER, Workspace, check_site_name, check_site_names
+from fedstream.workspace import MARKER, RESULT, Workspace, check_site_name, check_site_names, exclusive
 from tests.helpers import run_cli
 
 BAD_SITE_NAMES = [
@@ -102,3 +102,18 @@ def test_a_file_as_workspace_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         Workspace.prepare(tmp_path / "file", ["a"])
+
+
+def test_a_simulation_on_a_folder_in_use_stops_before_touching_it(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    Workspace.prepare(ws, ["site-1"])
+    (ws / RESULT).write_text("{}")  # the running one's
+    with exclusive(ws, "fedstream simulate"):
+        done = run_cli("simulate", "jobs/hello-pt", "-w", str(ws), "-n", "2")
+        with pytest.raises(ConfigError, match=r"in use by fedstream simulate \(pid \d+\)"), exclusive(ws, "x"):
+            pass
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"in use by fedstream simulate (pid {os.getpid()})" in done.stderr and "Traceback" not in done.stderr
+    assert (ws / RESULT).read_text() == "{}", "nothing cleaned"
+    with exclusive(ws, "fedstream simulate"):  # free again once the holder let it go
+        pass

@@ -18,18 +18,24 @@ A workspace holds one run. Running again in it first removes what the previous r
 of the folder are ever removed: a listed name that is not a plain file or folder name is skipped, and a
 symbolic link is removed itself, never followed.
 
+One fedstream process at a time uses a folder (:func:`exclusive`): a second simulation, server or client
+started on a folder in use stops at once, saying which process has it, instead of cleaning or resuming
+what the first one is writing.
+
 Site names become folder names here (and run names in the trackers), so :func:`check_site_name` allows
 only plain, portable names that cannot collide with the workspace's own entries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ from fedstream.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MARKER = ".fedstream-workspace"
+LOCK = ".fedstream-lock"
 RESULT = "result.json"
 LOG = "log.txt"
 SERVER = "server"
@@ -77,6 +84,35 @@ def check_site_names(names: Sequence[str]) -> list[str]:
     return checked
 
 
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder`` (made if missing) for this process while inside; ``what`` names the process for a second
+    one (``fedstream server``). The lock is the operating system's (``flock`` on ``.fedstream-lock``), so it
+    ends with the process, also a killed one. Raises :class:`ConfigError` naming the holder if it is taken."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("this is a file, not a folder", file=str(folder))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        raise ConfigError("the folder is not writable by this user", file=str(folder)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot use the folder: {exc.strerror}", file=str(folder)) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another fedstream process"
+            raise ConfigError(
+                f"the folder is in use by {holder}; stop that first, or use another folder", file=str(folder)
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{what} (pid {os.getpid()})".encode())
+        yield
+    finally:
+        os.close(fd)  # closing it releases the lock
+
+
 class Workspace:
     """Paths of one run's outputs."""
 
@@ -99,7 +135,7 @@ class Workspace:
             raise ConfigError("the workspace is a file, not a folder", file=str(folder))
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError("the workspace folder is not writable by this user", file=str(folder))
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and any(entry.name != LOCK for entry in folder.iterdir()):
             if not marker.is_file():
                 raise ConfigError(
                     "the workspace folder is not empty and was not made by fedstream; choose a new or empty folder",
@@ -128,7 +164,7 @@ class Workspace:
 def _remove_entries(folder: Path, names: list[str]) -> None:
     """Remove the listed direct entries of ``folder``; anything that would reach outside it is skipped."""
     for name in names:
-        if name in (".", "..", MARKER) or "/" in name or "\\" in name or Path(name).name != name:
+        if name in (".", "..", MARKER, LOCK) or "/" in name or "\\" in name or Path(name).name != name:
             log.warning("workspace %s: not removing %r, which is not an entry of the workspace", folder, name)
             continue
         target = folder / name

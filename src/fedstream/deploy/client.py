@@ -37,6 +37,7 @@ from fedstream.deploy.site_link import JOB, Backoff, GrpcSiteLink
 from fedstream.errors import ConfigError
 from fedstream.site.executor import Executor, Unusable
 from fedstream.site.host import SiteHost
+from fedstream.workspace import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,12 @@ class Client:
         return spare
 
     def serve(self) -> int:
-        """Take jobs until interrupted; returns the exit code."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Take jobs until interrupted; returns the exit code. Raises :class:`ConfigError` if another process
+        uses the workspace."""
+        with exclusive(self.root, f"the fedstream client of {self.kit.name}"):
+            return self._serve()
+
+    def _serve(self) -> int:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         console.setLevel(logging.INFO)

@@ -28,6 +28,7 @@ from fedstream.deploy.admin import Admin
 from fedstream.deploy.kit import load_kit
 from fedstream.deploy.provision import Project, ServerSpec, provision
 from fedstream.errors import ConfigError
+from fedstream.workspace import LOCK, exclusive
 
 ADMIN = "admin"
 MARKER = ".fedstream-poc"
@@ -107,38 +108,38 @@ def federation(
     """Provision, start the server and the clients, and yield them once the server answers; stop them all
     after. ``adjust`` may change the kits (in the folder it is given) before anything starts;
     ``environment`` is added to the clients' (``https_proxy``, say)."""
-    project = poc_project(num_sites, free_port())
-    _claim(workspace)
-    kits = workspace / "kits"
-    shutil.rmtree(kits, ignore_errors=True)
-    provision(project, kits)
-    if adjust is not None:
-        adjust(kits)
-    python = [sys.executable, "-m", "fedstream"]
-    listen = f"127.0.0.1:{project.server.port}"
-    per_site = threads or max(1, (os.cpu_count() or 1) // num_sites)
-    commands = {"server": [*python, "server", "start", str(kits / "server"), "-w", str(workspace / "server")]}
-    commands["server"] += ["--listen", listen, "--absent-after", str(absent_after_s)]
-    for site in project.sites:
-        commands[site] = [*python, "client", "start", str(kits / site), "-w", str(workspace / site)]
-        commands[site] += ["--threads", str(per_site)]
-    with sigterm_as_interrupt():  # SIGTERM stops the processes too, like Ctrl-C
-        local = LocalFederation(workspace, commands, environment or {})
-        try:
-            local.admin.wait_ready(60)
-            yield local
-        finally:
-            local.stop()
+    with exclusive(workspace, "fedstream poc"):
+        project = poc_project(num_sites, free_port())
+        _claim(workspace)
+        kits = workspace / "kits"
+        shutil.rmtree(kits, ignore_errors=True)
+        provision(project, kits)
+        if adjust is not None:
+            adjust(kits)
+        python = [sys.executable, "-m", "fedstream"]
+        listen = f"127.0.0.1:{project.server.port}"
+        per_site = threads or max(1, (os.cpu_count() or 1) // num_sites)
+        commands = {"server": [*python, "server", "start", str(kits / "server"), "-w", str(workspace / "server")]}
+        commands["server"] += ["--listen", listen, "--absent-after", str(absent_after_s)]
+        for site in project.sites:
+            commands[site] = [*python, "client", "start", str(kits / site), "-w", str(workspace / site)]
+            commands[site] += ["--threads", str(per_site)]
+        with sigterm_as_interrupt():  # SIGTERM stops the processes too, like Ctrl-C
+            local = LocalFederation(workspace, commands, environment or {})
+            try:
+                local.admin.wait_ready(60)
+                yield local
+            finally:
+                local.stop()
 
 
 def _claim(workspace: Path) -> None:
     """Use ``workspace`` if it is new, empty, or made by poc before (its kits are made anew)."""
     marker = workspace / MARKER
-    if workspace.exists() and not marker.exists() and any(workspace.iterdir()):
+    if not marker.exists() and any(entry.name != LOCK for entry in workspace.iterdir()):
         raise ConfigError(
             f"{workspace} is not empty and was not made by fedstream poc; use a new or empty folder", key="-w"
         )
-    workspace.mkdir(parents=True, exist_ok=True)
     marker.touch()
 
 

@@ -43,7 +43,7 @@ from fedstream.events import EventBus
 from fedstream.server.runtime import EXIT_INTERRUPTED, RunResult, ServerRuntime, build, new_job_id
 from fedstream.wire import decode, encode, encode_parts
 from fedstream.workflows.base import RoundCompleted
-from fedstream.workspace import MARKER, Workspace, check_site_names
+from fedstream.workspace import MARKER, Workspace, check_site_names, exclusive
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,12 @@ class FederationServer:
 
     # -- running ------------------------------------------------------------------------------------------------
     def serve(self) -> int:
-        """Run queued jobs until interrupted (Ctrl-C or SIGTERM); returns the exit code."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Run queued jobs until interrupted (Ctrl-C or SIGTERM); returns the exit code. Raises
+        :class:`ConfigError` if another process uses the workspace."""
+        with exclusive(self.root, f"the fedstream server {self.kit.name}"):
+            return self._serve()
+
+    def _serve(self) -> int:
         logs.setup_server(self.root, self._console)
         self._restore()
         self._grpc.start()

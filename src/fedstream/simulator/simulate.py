@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fedstream import logs
@@ -20,7 +21,7 @@ from fedstream.pt.trainer import Trainer
 from fedstream.server.runtime import RunResult, ServerComponents, ServerRuntime, build, new_job_id
 from fedstream.simulator.link import SimulatorLink
 from fedstream.simulator.worker import WorkerSpec
-from fedstream.workspace import Workspace, check_site_names
+from fedstream.workspace import Workspace, check_site_names, exclusive
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +71,34 @@ def simulate(
     """
     began = time.monotonic()
     components = check(job, sites, threads)
-    ws = Workspace.prepare(workspace, sites)
-    (ws.server / "job.toml").write_text(job.to_toml())
-    logs.setup_server(ws.root, console)
-    job_id = new_job_id()
-    log.info("job %s (%s): %d sites on %d workers, workspace %s", job.name, job_id, len(sites), threads, ws.root)
-    import torch
+    with exclusive(Path(workspace).expanduser().resolve(), "fedstream simulate"):  # one run at a time in it
+        ws = Workspace.prepare(workspace, sites)
+        (ws.server / "job.toml").write_text(job.to_toml())
+        logs.setup_server(ws.root, console)
+        job_id = new_job_id()
+        log.info("job %s (%s): %d sites on %d workers, workspace %s", job.name, job_id, len(sites), threads, ws.root)
+        import torch
 
-    torch.set_num_threads(1)
-    config = job.to_dict()
-    specs = [
-        WorkerSpec(
-            index=w,
-            job_dir=str(job.dir),
-            job_source=job.source,
-            config=config,
-            job_id=job_id,
-            sites={site: i for i, site in enumerate(sites) if i % threads == w},
-            num_sites=len(sites),
-            workspace=str(ws.root),
-            torch_threads=max(1, (os.cpu_count() or 1) // threads),
-            verbose=verbose,
-        )
-        for w in range(threads)
-    ]
-    bus = EventBus()
-    if observe is not None:
-        observe(bus)
-    details: dict[str, Any] = {"threads": threads}
-    runtime = ServerRuntime(job, components, ws, sites, job_id=job_id, bus=bus, details=lambda: details)
-    return runtime.run(SimulatorLink(specs), began=began)
+        torch.set_num_threads(1)
+        config = job.to_dict()
+        specs = [
+            WorkerSpec(
+                index=w,
+                job_dir=str(job.dir),
+                job_source=job.source,
+                config=config,
+                job_id=job_id,
+                sites={site: i for i, site in enumerate(sites) if i % threads == w},
+                num_sites=len(sites),
+                workspace=str(ws.root),
+                torch_threads=max(1, (os.cpu_count() or 1) // threads),
+                verbose=verbose,
+            )
+            for w in range(threads)
+        ]
+        bus = EventBus()
+        if observe is not None:
+            observe(bus)
+        details: dict[str, Any] = {"threads": threads}
+        runtime = ServerRuntime(job, components, ws, sites, job_id=job_id, bus=bus, details=lambda: details)
+        return runtime.run(SimulatorLink(specs), began=began)
