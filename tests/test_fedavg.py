@@ -263,12 +263,12 @@ def test_a_task_that_comes_again_is_answered_with_the_result_the_site_has(tmp_pa
     )
     serving = threading.Thread(target=host.serve)
     serving.start()
-    sent = [("1.a", 1), ("1.a", 1), ("1.b", 1), ("1.a", 1), ("2.a", 2), ("1.a", 1), ("flaky", 2), ("flaky", 2)]
-    for task_id, round in sent:
+    sent = [("1.a", 1), ("1.a", 1), ("1.b", 1), ("1.a", 1), ("2.a", 2), ("2.b", 2), ("2.a", 2), ("1.a", 1)]
+    for task_id, round in [*sent, ("flaky", 2), ("flaky", 2)]:
         host.task_received(Task(task_id, "site-1", "train", round, 2, Payload()))
     host.shutdown("done")
     serving.join(30)
-    assert executor.runs == ["1.a", "1.b", "2.a", "1.a", "flaky", "flaky"], "kept for the round, then dropped"
+    assert executor.runs == ["1.a", "1.b", "2.a", "2.b", "1.a", "flaky", "flaky"], "kept for the round, then dropped"
     answers = [(r.task_id, r.num_samples, r.weights["w"][0] if r.weights else None) for r in link.results]
     assert answers == [
         ("1.a", 1, 1.0),
@@ -276,9 +276,11 @@ def test_a_task_that_comes_again_is_answered_with_the_result_the_site_has(tmp_pa
         ("1.b", 2, 2.0),
         ("1.a", 1, 1.0),  # its weights were copied before 1.b overwrote the model
         ("2.a", 3, 3.0),
-        ("1.a", 4, 4.0),
+        ("2.b", 4, 4.0),
+        ("2.a", 3, 3.0),  # copied into the memory of round 1's copy
+        ("1.a", 5, 5.0),
         ("flaky", 0, None),  # a failure is tried again
-        ("flaky", 6, 6.0),
+        ("flaky", 7, 7.0),
     ]
 
 

@@ -8,8 +8,9 @@ A deployed host (``keep_round_results``) keeps each site's results of its curren
 after a restart sends the interrupted round's tasks again, under the same ids, and a task that comes again
 is answered with the result the site has, so its training and what it logs are not repeated. A result's
 weights are often views of the trainer's model, which the round's next task overwrites: before a site runs
-another task of the same round, the arrays of its kept results are copied (a model's worth of memory until
-the next round). A failure is not kept: a task that comes again is tried again.
+another task of the same round, the arrays of its kept results are copied, into the copies of its earlier
+round where they fit (a model's worth of memory on the site). A failure is not kept: a task that comes again
+is tried again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import logging
 import queue
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from fedstream.link import SiteLink
 from fedstream.messages import EventAck, Failure, Result, Task
@@ -43,6 +46,7 @@ class SiteHost:
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._keep = keep_round_results
         self._kept: dict[str, tuple[int, dict[str, Result]]] = {}  # site -> its round, and results by task id
+        self._room: dict[str, list[np.ndarray]] = {}  # site -> arrays of its earlier rounds' copies, to copy into
 
     # -- SiteEndpoint ---------------------------------------------------------------------------------------
     def task_received(self, task: Task) -> None:
@@ -76,10 +80,12 @@ class SiteHost:
         if task.id in kept:
             log.info("%s: task %s came again (the server restarted); sending the result it has", task.site, task.id)
             return kept[task.id]
-        if round != task.round:
+        room = self._room.setdefault(task.site, [])
+        if round != task.round:  # the earlier round's copies become room for this round's
+            room += [array for done in kept.values() for array in _arrays(done) if array.base is None]
             kept = {}
         for done in kept.values():
-            _own(done)
+            _own(done, room)
         self._kept[task.site] = (task.round, kept)
         site = self._sites.get(task.site)
         if site is None:
@@ -90,9 +96,23 @@ class SiteHost:
         return result
 
 
-def _own(result: Result) -> None:
-    """Give ``result`` arrays of its own where it holds views of another array (the trainer's model)."""
+def _arrays(result: Result) -> list[np.ndarray]:
+    return [array for arrays in (result.weights, *result.extra.values()) for array in arrays.values()]
+
+
+def _own(result: Result, room: list[np.ndarray]) -> None:
+    """Give ``result`` arrays of its own where it holds views of another array (the trainer's model): copies
+    into arrays of ``room`` of the same shape and type where there are (their memory is in use already, which
+    makes the copy several times faster than into new memory), into new arrays otherwise."""
     for arrays in (result.weights, *result.extra.values()):
         for name, array in arrays.items():
-            if array.base is not None:
+            if array.base is None:
+                continue
+            fits = next(
+                (i for i, free in enumerate(room) if free.shape == array.shape and free.dtype == array.dtype), -1
+            )
+            if fits < 0:
                 arrays[name] = array.copy()
+            else:
+                arrays[name] = room.pop(fits)
+                np.copyto(arrays[name], array)
