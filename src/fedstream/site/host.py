@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,8 +46,8 @@ class SiteHost:
         self._sites: dict[str, Site] = {}
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._keep = keep_round_results
-        self._kept: dict[str, tuple[int, dict[str, Result]]] = {}  # site -> its round, and results by task id
-        self._room: dict[str, list[np.ndarray]] = {}  # site -> arrays of its earlier rounds' copies, to copy into
+        self._kept: dict[str, _Kept] = {}
+        self._room: dict[str, list[np.ndarray]] = {}  # site -> copies made for its earlier rounds, to copy into
 
     # -- SiteEndpoint ---------------------------------------------------------------------------------------
     def task_received(self, task: Task) -> None:
@@ -76,34 +77,38 @@ class SiteHost:
         if task.site not in self._names:
             reason = f"this host does not run {task.site!r}"
             return Result(task.id, task.site, failure=Failure(task.site, task.kind, reason))
-        round, kept = self._kept.get(task.site, (task.round, {}))
-        if task.id in kept:
+        kept = self._kept.get(task.site)
+        if kept is not None and task.id in kept.results:
             log.info("%s: task %s came again (the server restarted); sending the result it has", task.site, task.id)
-            return kept[task.id]
+            return kept.results[task.id]
         room = self._room.setdefault(task.site, [])
-        if round != task.round:  # the earlier round's copies become room for this round's
-            room += [array for done in kept.values() for array in _arrays(done) if array.base is None]
-            kept = {}
-        for done in kept.values():
-            _own(done, room)
-        self._kept[task.site] = (task.round, kept)
+        if kept is None or kept.round != task.round:  # the earlier round's copies become room for this round's
+            room += kept.copies if kept is not None else []
+            kept = self._kept[task.site] = _Kept(task.round)
+        for done in kept.results.values():
+            _own(done, room, kept.copies)
         site = self._sites.get(task.site)
         if site is None:
             site = self._sites[task.site] = self._make_site(task.site)
         result = site.handle(task)
         if self._keep and result.failure is None:
-            kept[task.id] = result
+            kept.results[task.id] = result
         return result
 
 
-def _arrays(result: Result) -> list[np.ndarray]:
-    return [array for arrays in (result.weights, *result.extra.values()) for array in arrays.values()]
+@dataclass
+class _Kept:
+    """A site's results of its current round, by task id, and the arrays copied for them (see the module)."""
+
+    round: int
+    results: dict[str, Result] = field(default_factory=dict)
+    copies: list[np.ndarray] = field(default_factory=list)
 
 
-def _own(result: Result, room: list[np.ndarray]) -> None:
-    """Give ``result`` arrays of its own where it holds views of another array (the trainer's model): copies
-    into arrays of ``room`` of the same shape and type where there are (their memory is in use already, which
-    makes the copy several times faster than into new memory), into new arrays otherwise."""
+def _own(result: Result, room: list[np.ndarray], copies: list[np.ndarray]) -> None:
+    """Give ``result`` arrays of its own where it holds views of another array (the trainer's model), and add
+    them to ``copies``: arrays of ``room`` of the same shape and type where there are (their memory is in use
+    already, which makes the copy several times faster than into new memory), new arrays otherwise."""
     for arrays in (result.weights, *result.extra.values()):
         for name, array in arrays.items():
             if array.base is None:
@@ -116,3 +121,4 @@ def _own(result: Result, room: list[np.ndarray]) -> None:
             else:
                 arrays[name] = room.pop(fits)
                 np.copyto(arrays[name], array)
+            copies.append(arrays[name])
