@@ -46,7 +46,7 @@ EXIT_FAILED = 1
 EXIT_TRACKING_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
 ROUNDS = "rounds.json"  # the completed rounds so far, for a job resumed after a server restart
-EVENTS = "events.jsonl"  # the sites' events until written, for a job resumed after a server restart
+EVENTS = "events.jsonl"  # the receivers' events until written, for a job resumed after a server restart
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,9 @@ class ServerRuntime:
         job_id: the job's unique id.
         bus: the server's event bus; the caller may subscribe to it first (a progress view).
         details: extra ``result.json`` entries of the composition (the simulator's worker count).
-        journal_events: keep the sites' events in ``server/events.jsonl`` until the receivers wrote them, so
-            that a killed server loses none (:mod:`fedstream.server.journal`); a deployed server does.
+        journal_events: keep the sites' events and the completed rounds in ``server/events.jsonl`` until the
+            receivers wrote them, so that a killed server loses none (:mod:`fedstream.server.journal`); a
+            deployed server does.
     """
 
     def __init__(
