@@ -225,5 +225,11 @@ def test_the_server_journal_drops_what_is_written_and_reads_back_despite_damage(
     assert taken.unwritten("r", {"fed.y"}) == [] and len(taken.unwritten("new", {"fed.x"})) >= 3
     with path.open("ab") as file:
         file.write(b'{"receiver":"r","below":99}\n{"site":"site-1","at":101,"even')  # a line cut short
-    taken = EventJournal(path, lambda: None).open()
-    assert (taken.next, taken.marks["r"]) == (101, 99)
+    again = EventJournal(path, lambda: None)
+    taken = again.open()
+    assert (taken.next, taken.marks["r"], taken.last_round) == (101, 99, 10)
+    # A server killed between announcing round 10 and its checkpoint runs round 10 again: recorded once.
+    given.clear()
+    again.append_round(RoundSummary(10, 2.0, ["site-1"], 1, {"acc": 1.0}), given.append)
+    again.append_round(RoundSummary(11, 1.0, ["site-1"], 1, {"acc": 1.0}), given.append)
+    assert given == [101] and EventJournal(path, lambda: None).open().last_round == 11

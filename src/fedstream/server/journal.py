@@ -14,11 +14,11 @@ not taken twice), and each receiver is given again the events of its kinds from 
 repeat is what a receiver wrote in the instant before its mark was recorded (MLflow keeps a metric logged
 twice with the same step, time and value once).
 
-Lines (:mod:`fedstream.jsonlines`): ``{"next": P, "sites": {site: [session, handled]}, "marks": {name: P}}``
-first; then ``{"at": P, "site", "session", "handled", "events": [[name, data], ...]}`` for a batch whose first
-event has position P, ``{"at": P, "round": summary}`` for a completed round, and ``{"receiver": name,
-"below": P}`` for a mark. The file is written anew without what every receiver has written after every
-100,000 events, and removed when the job ends."""
+Lines (:mod:`fedstream.jsonlines`): ``{"next": P, "sites": {site: [session, handled]}, "marks": {name: P},
+"last_round": R}`` first; then ``{"at": P, "site", "session", "handled", "events": [[name, data], ...]}`` for
+a batch whose first event has position P, ``{"at": P, "round": summary}`` for a completed round, and
+``{"receiver": name, "below": P}`` for a mark. The file is written anew without what every receiver has
+written after every 100,000 events, and removed when the job ends."""
 
 from __future__ import annotations
 
@@ -43,13 +43,15 @@ COMPACT_EVERY = 100_000
 @dataclass
 class Taken:
     """What the journal holds: each site's session and last handled number, each receiver's mark, and the
-    events by position from the oldest one kept: the sites' (with their site) and the completed rounds."""
+    events by position from the oldest one kept: the sites' (with their site) and the completed rounds; and
+    the last round recorded."""
 
     sites: dict[str, tuple[str, int]] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)
     events: list[tuple[int, str, WireEvent]] = field(default_factory=list)
     rounds: list[tuple[int, RoundSummary]] = field(default_factory=list)
     next: int = 1
+    last_round: int = 0
 
     def unwritten(self, receiver: str, kinds: Collection[str]) -> list[Event]:
         """The events of ``kinds`` that ``receiver`` had not written, as they were fired the first time."""
@@ -64,7 +66,9 @@ class Taken:
         return [event for _, event in sorted(found, key=lambda entry: entry[0])]
 
     def copy(self) -> Taken:
-        return Taken(dict(self.sites), dict(self.marks), list(self.events), list(self.rounds), self.next)
+        return Taken(
+            dict(self.sites), dict(self.marks), list(self.events), list(self.rounds), self.next, self.last_round
+        )
 
 
 class EventJournal:
@@ -116,9 +120,14 @@ class EventJournal:
 
     def append_round(self, summary: RoundSummary, hand_over: Callable[[int], None]) -> None:
         """Record a completed round, then call ``hand_over`` with its position, before anything else is
-        recorded."""
+        recorded. A round recorded already is not again: a server killed after announcing a round and
+        before its checkpoint runs that round again, and its receivers have it (or get it from here)."""
         with self._order:
             with self._lock:
+                if summary.round <= self._state.last_round:
+                    log.info("round %d was recorded before the restart; its receivers have it", summary.round)
+                    return
+                self._state.last_round = summary.round
                 at = self._record({"round": asdict(summary)}, 1)
             hand_over(at)
 
@@ -156,7 +165,7 @@ class EventJournal:
     def _rewrite(self, held: Taken) -> None:
         """Begin the file anew with the state and the events of ``held``."""
         state = self._state
-        header = {"next": state.next, "sites": state.sites, "marks": state.marks}
+        header = {"next": state.next, "sites": state.sites, "marks": state.marks, "last_round": state.last_round}
         lines: list[tuple[int, dict[str, Any]]] = [
             *((at, {"at": at, "site": site, "events": [[e.name, e.data]]}) for at, site, e in held.events),
             *((at, {"at": at, "round": asdict(summary)}) for at, summary in held.rounds),
@@ -171,7 +180,7 @@ def _parse(entry: Any) -> dict[str, Any]:
     if "next" in entry:
         sites = {str(site): (str(session), int(handled)) for site, (session, handled) in entry["sites"].items()}
         marks = {str(name): int(below) for name, below in entry["marks"].items()}
-        return {"next": int(entry["next"]), "sites": sites, "marks": marks}
+        return {"next": int(entry["next"]), "sites": sites, "marks": marks, "last_round": int(entry["last_round"])}
     if "round" in entry:
         data = dict(entry["round"])
         data["failed"] = [Failure(**failure) for failure in data["failed"]]
@@ -193,10 +202,11 @@ def _fold(entries: list[dict[str, Any]]) -> Taken:
         if "receiver" in entry:
             state.marks[entry["receiver"]] = entry["below"]
         elif "next" in entry:
-            state = Taken(entry["sites"], entry["marks"], next=entry["next"])
+            state = Taken(entry["sites"], entry["marks"], next=entry["next"], last_round=entry["last_round"])
         elif "round" in entry:
             state.rounds.append((entry["at"], entry["round"]))
             state.next = max(state.next, entry["at"] + 1)
+            state.last_round = max(state.last_round, entry["round"].round)
         else:
             state.events += [(entry["at"] + i, entry["site"], event) for i, event in enumerate(entry["events"])]
             state.next = max(state.next, entry["at"] + len(entry["events"]))
