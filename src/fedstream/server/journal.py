@@ -100,7 +100,7 @@ class EventJournal:
         file anew with it."""
         with self._lock:
             self._state = _fold(self._file.read(_parse) or [])
-            self._rewrite(self._state.copy())
+            self._rewrite(self._state)
             count = len(self._state.events) + len(self._state.rounds)
             if count:
                 log.info("%d events from before the restart are written where a receiver had not written them", count)

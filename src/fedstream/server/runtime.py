@@ -261,8 +261,9 @@ class ServerRuntime:
 
         def journaled(event: RoundCompleted) -> None:
             def hand_over(at: int) -> None:
+                positioned = dataclasses.replace(event, position=at)
                 for host in hosts:
-                    host.handle(dataclasses.replace(event, position=at))
+                    host.handle(positioned)
 
             journal.append_round(event.summary, hand_over)
 

@@ -77,6 +77,11 @@ class SiteHost:
         if task.site not in self._names:
             reason = f"this host does not run {task.site!r}"
             return Result(task.id, task.site, failure=Failure(task.site, task.kind, reason))
+        site = self._sites.get(task.site)
+        if site is None:
+            site = self._sites[task.site] = self._make_site(task.site)
+        if not self._keep:
+            return site.handle(task)
         kept = self._kept.get(task.site)
         if kept is not None and task.id in kept.results:
             log.info("%s: task %s came again (the server restarted); sending the result it has", task.site, task.id)
@@ -87,11 +92,8 @@ class SiteHost:
             kept = self._kept[task.site] = _Kept(task.round)
         for done in kept.results.values():
             _own(done, room, kept.copies)
-        site = self._sites.get(task.site)
-        if site is None:
-            site = self._sites[task.site] = self._make_site(task.site)
         result = site.handle(task)
-        if self._keep and result.failure is None:
+        if result.failure is None:
             kept.results[task.id] = result
         return result
 
