@@ -349,10 +349,11 @@ def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_p
     # one's MLflow receiver. The round the restart interrupts is sent again, and a site that had done it
     # answers with its result: no step twice.
     job = turns_job(tmp_path, rounds=4, trainer_args="seconds = 0.5\nsteps = 10")
-    mlflow = ["server.receivers.mlflow.path=fedstream.tracking.MLflowReceiver"]
-    mlflow.append("server.receivers.mlflow.args.flush_interval_s=60")
+    receivers = ["server.receivers.mlflow.path=fedstream.tracking.MLflowReceiver"]
+    receivers.append("server.receivers.mlflow.args.flush_interval_s=60")
+    receivers.append("server.receivers.tensorboard.path=fedstream.tracking.TensorBoardReceiver")
     with federation(tmp_path / "ws", 2) as local:
-        job_id = local.admin.submit(job, mlflow, ["site-1", "site-2"])
+        job_id = local.admin.submit(job, receivers, ["site-1", "site-2"])
         restarted: list[int] = []
 
         def restart_after_round_two(status: dict[str, Any]) -> None:
@@ -378,6 +379,15 @@ def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_p
         (run,) = [run for run in runs if run.info.run_name == site]
         turns = sorted(m.step for m in client.get_metric_history(run.info.run_id, "turn"))
         assert turns == list(range(40)), f"{site}: every step once, also of the round the restart interrupted"
+    logdir = Path(result["tracking"]["tensorboard"]["logdir"])
+    for run, tag, expected in (
+        ("site-1", "turn", range(40)),
+        ("site-2", "turn", range(40)),
+        ("server", "accuracy", range(1, 5)),
+    ):
+        events = EventAccumulator(str(logdir / run), size_guidance={"scalars": 0})
+        events.Reload()
+        assert sorted(e.step for e in events.Scalars(tag)) == list(expected), f"TensorBoard {run}: each step once"
 
 
 def test_a_server_killed_in_the_first_round_starts_it_again_and_loses_or_repeats_nothing(tmp_path: Path) -> None:

@@ -45,10 +45,10 @@ class Forwarded:
     data: dict[str, Any]
     position: int = 0
 
-    def __reduce__(self) -> tuple[type[Forwarded], tuple[str, str, dict[str, Any]]]:
-        """Pickled as its first three fields (receivers get events through a pipe): a third faster than the
+    def __reduce__(self) -> tuple[type[Forwarded], tuple[str, str, dict[str, Any], int]]:
+        """Pickled as its fields in order (receivers get events through a pipe): a third faster than the
         default."""
-        return (Forwarded, (self.name, self.site, self.data))
+        return (Forwarded, (self.name, self.site, self.data, self.position))
 
 
 E = TypeVar("E")

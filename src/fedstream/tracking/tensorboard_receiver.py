@@ -11,6 +11,13 @@ installed, it reopens the file for every record and checksums in pure Python.
 
 Mapping: metrics -> scalars; ``add_text`` -> text at its step; ``log_text`` -> text tagged with the file's
 path; params -> text ``param/<key>``; tags -> text ``tag/<key>``.
+
+On a deployed server, events carry their position in the server's events journal, and a receiver killed with
+its server may have written a batch whose mark the journal never got: the next server gives it again.
+So each run's file records, after every batch, the last position it holds (a ``log_message`` event, which
+TensorBoard ignores). A receiver that opens on files of a killed one cuts each file after its last such
+record (what follows is a batch it was killed while writing) and skips the events it finds already written:
+each record once.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from fedstream.workflows.base import RoundCompleted
 log = logging.getLogger(__name__)
 
 SERVER_RUN = "server"
+WRITTEN_THROUGH = "fedstream: written through journal position "
 
 
 class TensorBoardReceiver(Receiver):
@@ -87,23 +95,32 @@ class TensorBoardReceiver(Receiver):
         self._text_metadata = text_metadata.create_summary_metadata(display_name=None, description=None)
         self._root = job.workspace / self._folder
         self._root.mkdir(parents=True, exist_ok=True)
+        self._written = _resume(self._root)
         self.details.update({"logdir": str(self._root), "view": f"tensorboard --logdir {self._root}"})
 
     def write(self, events: Sequence[Event]) -> None:
+        through: dict[str, int] = {}  # run -> the last journal position this batch wrote to it
         for event in events:
-            if isinstance(event, RoundCompleted):
-                summary = event.summary
-                for key, value in summary.metrics.items():
-                    self._write(SERVER_RUN, Record(METRIC, key, float(value), summary.round, summary.ended_at))
-            elif isinstance(event, Forwarded):
-                try:
-                    record = from_wire(event.data)
-                except (TypeError, ValueError) as exc:
-                    self.refuse(1, f"{event.site}: invalid record: {exc}")
-                    continue
-                self._write(event.site, record)
-            else:
+            if not isinstance(event, RoundCompleted | Forwarded):
                 self.refuse(1, f"cannot write a {event.name!r} event")
+                continue
+            run = SERVER_RUN if isinstance(event, RoundCompleted) else event.site
+            if event.position and event.position <= self._written.get(run, 0):
+                continue  # a killed server's receiver wrote it
+            try:
+                records = _records(event)
+            except (TypeError, ValueError) as exc:
+                self.refuse(1, f"{run}: invalid record: {exc}")
+                continue
+            if event.position and run not in self._writers:  # a new file starts saying what is written before it
+                self._writer(run).add_event(self._written_through(self._written.get(run, 0)))
+            for record in records:
+                self._write(run, record)
+            if event.position:
+                through[run] = event.position
+        for run, position in through.items():
+            self._writers[run].add_event(self._written_through(position))
+            self._written[run] = position
         for writer in self._writers.values():
             writer.flush()
 
@@ -142,6 +159,71 @@ class TensorBoardReceiver(Receiver):
             assert self._root is not None
             writer = self._writers[run] = EventFile(self._root / run)
         return writer
+
+    def _written_through(self, position: int) -> Any:
+        """The record that says a run's file holds every journaled event of the run up to ``position``."""
+        event_pb2 = self._pb[0]
+        message = event_pb2.LogMessage(level=event_pb2.LogMessage.INFO, message=f"{WRITTEN_THROUGH}{position}")
+        return event_pb2.Event(wall_time=time.time(), log_message=message)
+
+
+def _records(event: RoundCompleted | Forwarded) -> list[Record]:
+    """What ``event`` writes: a round's global metrics (step = round), or a site's record (checked)."""
+    if isinstance(event, Forwarded):
+        return [from_wire(event.data)]
+    summary = event.summary
+    return [
+        Record(METRIC, key, float(value), summary.round, summary.ended_at) for key, value in summary.metrics.items()
+    ]
+
+
+def _resume(root: Path) -> dict[str, int]:
+    """Per run under ``root``: the last journal position its files say they hold. Each file that records
+    positions is cut after its last one: the rest is a batch its writer was killed while writing, which the
+    journal gives again."""
+    written: dict[str, int] = {}
+    for path in sorted(root.glob("*/events.out.tfevents.*")):
+        data = path.read_bytes()
+        found = _last_written_through(data)
+        if found is None:
+            continue
+        position, end, damaged = found
+        if damaged:
+            log.warning("TensorBoard: %s is damaged after byte %d; it is kept as it is", path, end)
+        elif end < len(data):
+            log.warning("TensorBoard: %s ends with a batch its writer was killed writing; it is written again", path)
+            os.truncate(path, end)
+        written[path.parent.name] = max(written.get(path.parent.name, 0), position)
+    return written
+
+
+def _last_written_through(data: bytes) -> tuple[int, int, bool] | None:
+    """The position in the last "written through" record of an event file's ``data``, where that record ends,
+    and whether a damaged record (not one cut short by the end of the data) stopped the reading; ``None`` if
+    it has no such record."""
+    from tensorboard.compat.proto import event_pb2
+
+    found: tuple[int, int] | None = None
+    offset, damaged = 0, False
+    while offset + _LENGTH.size + _CRC.size <= len(data):
+        length = data[offset : offset + _LENGTH.size]
+        start = offset + _LENGTH.size + _CRC.size
+        end = start + _LENGTH.unpack(length)[0] + _CRC.size
+        if _CRC.unpack_from(data, offset + _LENGTH.size)[0] != _masked_crc32c(length):
+            damaged = True
+            break
+        if end > len(data):
+            break
+        body = data[start : end - _CRC.size]
+        if _CRC.unpack_from(data, end - _CRC.size)[0] != _masked_crc32c(body):
+            damaged = True
+            break
+        if WRITTEN_THROUGH.encode() in body:  # else not one: parse only the candidates
+            event = event_pb2.Event.FromString(body)
+            if event.HasField("log_message") and event.log_message.message.startswith(WRITTEN_THROUGH):
+                found = int(event.log_message.message.removeprefix(WRITTEN_THROUGH)), end
+        offset = end
+    return None if found is None else (*found, damaged)
 
 
 class EventFile:
