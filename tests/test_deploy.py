@@ -200,6 +200,33 @@ def test_jobs_list_and_status_from_the_command_line(deployment: Any) -> None:
     assert done.returncode == 1 and "no job 'missing'" in done.stderr
 
 
+def test_a_job_for_a_site_never_seen_is_submitted_with_a_warning(deployment: Any, tmp_path: Path) -> None:
+    workspace, admin = deployment
+    kit = str(workspace / "kits" / "admin")
+    done = run_cli("submit", str(turns_job(tmp_path)), "--kit", kit, "--sites", "site-1,site-9")
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stdout.split())
+    assert "warning: site-9 not connected to this server since it started" in said, said
+    job_id = said.split()[2]
+    admin.abort(job_id)
+    status = admin.follow(job_id, lambda status: None)
+    assert status["state"] == "aborted" and status["error"] == "aborted by admin"
+
+
+def test_a_job_aborted_while_the_server_loads_it_never_runs(deployment: Any, tmp_path: Path) -> None:
+    # Its code takes 2 s to import, when the server checks it at submission and again when it starts it: the
+    # abort comes while the job is out of the queue and not running yet.
+    _, admin = deployment
+    job = turns_job(tmp_path, rounds=1)
+    with open(job / "turns.py", "a") as code:
+        code.write("\nimport time as _time\n\n_time.sleep(2)\n")
+    job_id = admin.submit(job, [], ["site-1", "site-2"])
+    admin.abort(job_id)
+    status = admin.follow(job_id, lambda status: None)
+    assert status["state"] == "aborted" and status["error"] == "aborted by admin"
+    assert status["result"]["rounds"] == []
+
+
 def test_a_crashing_site_process_never_takes_its_client_down(deployment: Any, tmp_path: Path) -> None:
     # site-2's trainer kills its own process (SIGKILL) in round 1: the client starts a new one, the server
     # fails the task the old one was running, and site-2 trains again in round 2.
@@ -256,7 +283,7 @@ def test_an_abort_ends_a_running_job(deployment: Any, tmp_path: Path) -> None:
             admin.abort(job_id)
 
     status = admin.follow(job_id, abort_after_round_one)
-    assert status["state"] == "aborted" and status["result"]["error"] == "aborted by admin"
+    assert status["state"] == "aborted" and status["result"]["error"] == status["error"] == "aborted by admin"
     assert 1 <= len(status["result"]["rounds"]) < 50
 
 

@@ -147,6 +147,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
             sites = [s.strip() for s in args.sites.split(",") if s.strip()] or None
             job_id = admin.submit(args.job, args.overrides, sites)
             console.print(f"submitted job {job_id}")
+            unseen = sorted(set(sites or []) - {str(site["site"]) for site in admin.sites()})
+            if unseen:
+                console.print(
+                    f"[yellow]warning:[/] {', '.join(unseen)} not connected to this server since it started; the "
+                    "job waits for them as long as the server's --absent-after allows (30 s by default)"
+                )
             return _ended(console, admin.follow(job_id, _shower(console))) if args.follow else 0
         if command == "sites":
             _print_json(admin.sites())

@@ -86,7 +86,7 @@ class JobRecord:
     round: int = 0
     num_rounds: int = 0
     aborted_by: str = ""
-    error: str = ""  # why a job that never started failed
+    error: str = ""  # why a job that never started failed (a job that ran says why in its result)
     exit_code: int | None = None
     result: dict[str, Any] | None = None
     link: PullLink | None = None
@@ -145,7 +145,7 @@ class JobRecord:
             "round": self.round,
             "num_rounds": self.num_rounds,
             "exit_code": self.exit_code,
-            "error": self.error or None,
+            "error": self.error or (self.result or {}).get("error") or None,
             "result": self.result,
         }
 
@@ -350,6 +350,9 @@ class FederationServer:
             record.save()
             record.num_rounds = int(job.to_dict()["server"]["workflow"]["args"].get("num_rounds", 0))
             self._cond.notify_all()
+            aborted_by = record.aborted_by
+        if aborted_by:  # while it was loading
+            runtime.abort(f"aborted by {aborted_by}")
         log.info("job %s (%s) from %s starts on %s", record.name, record.id, record.submitter, ", ".join(record.sites))
         result = runtime.run(link)
         with self._cond:
@@ -381,6 +384,8 @@ class FederationServer:
                 _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             except Refused as exc:
                 _refuse(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            except Exception as exc:
+                _internal_error(context, who.name, exc)
 
         return call
 
@@ -480,7 +485,10 @@ class FederationServer:
             if who.role != "admin":
                 log.error("%s (a %s) tried to manage jobs; refused", who.name, who.role)
                 _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"{who.name} is a {who.role}, not an admin")
-            return handler(who.name, request, context)
+            try:
+                return handler(who.name, request, context)
+            except Exception as exc:
+                _internal_error(context, who.name, exc)
 
         return call
 
@@ -548,12 +556,12 @@ class FederationServer:
             record = self._record(request, context)
             if record.state in ENDED:
                 _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, f"job {record.id} already {record.state}")
-            if record.state == "queued":
-                self._queue.remove(record)
-                record.state = "aborted"
-                record.save()
             record.aborted_by = admin
-            runtime = record.runtime
+            if any(queued is record for queued in self._queue):
+                self._queue.remove(record)
+                record.state, record.error = "aborted", f"aborted by {admin}"
+                record.save()
+            runtime = record.runtime  # None also for a job taken from the queue and still loading: _run aborts it
         log.warning("%s aborted job %s", admin, record.id)
         if runtime is not None:
             runtime.abort(f"aborted by {admin}")
@@ -591,3 +599,16 @@ class FederationServer:
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     context.abort(code, message)
     raise AssertionError("unreachable: grpc's abort raises")
+
+
+def _internal_error(context: grpc.ServicerContext, caller: str, exc: Exception) -> NoReturn:
+    """End a call that failed on a defect of the server: its traceback goes to the server's log, one line to
+    the caller. A call already refused (grpc's abort raises too) stays refused."""
+    if context.code() is not None:
+        raise exc
+    log.error("a call from %s failed on the server:\n%s", caller, traceback.format_exc())
+    _refuse(
+        context,
+        grpc.StatusCode.INTERNAL,
+        f"the server failed ({type(exc).__name__}: {str(exc)[:200]}); its log has more",
+    )

@@ -146,6 +146,8 @@ class ServerRuntime:
         self._signal = 0
         self._hosts: list[ReceiverHost] = []
         self._federation: Federation | None = None
+        self._aborted = ""  # why, if abort() came before the federation was made
+        self._abort_lock = threading.Lock()
 
     def run(self, link: ServerLink, *, began: float | None = None) -> RunResult:
         """Run the job over ``link`` and write ``result.json``; never raises for a job that went wrong.
@@ -160,7 +162,11 @@ class ServerRuntime:
         if self._journal_events:
             journal = EventJournal(self.workspace.server / EVENTS, lambda: _oldest_unwritten(hosts.values()))
             taken = journal.open()
-        federation = self._federation = Federation(self.sites, self.bus, journal)
+        federation = Federation(self.sites, self.bus, journal)
+        with self._abort_lock:
+            self._federation, aborted = federation, self._aborted
+        if aborted:
+            federation.abort(aborted)  # its first dispatch fails with the reason
         models = ModelStore(self.workspace.models)
         resumed_after = models.last_round()
         if resumed_after:  # the server restarted in the middle of this job: its earlier rounds count
@@ -271,9 +277,11 @@ class ServerRuntime:
             self.bus.subscribe(RoundCompleted, journaled)
 
     def abort(self, reason: str) -> None:
-        """Make the running job fail with ``reason`` (from another thread); nothing before it starts."""
-        if self._federation is not None:
-            self._federation.abort(reason)
+        """Make the job fail with ``reason`` (from another thread), also before :meth:`run` began."""
+        with self._abort_lock:
+            self._aborted, federation = self._aborted or reason, self._federation
+        if federation is not None:
+            federation.abort(reason)
 
     def _subscribe(self) -> None:
         def round_started(event: RoundStarted) -> None:
