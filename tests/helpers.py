@@ -167,7 +167,8 @@ class Square(torch.nn.Module):
 class TurnTrainer(Trainer):
     \"\"\"Every task takes ``seconds``; in round 1, ``hang`` sites hang, ``crash`` sites kill their worker, and
     ``kill_client`` sites log ``before_kill`` at steps 0-299, then kill their deployed client (a SIGKILL of the
-    parent, which this process does not outlive) before those events could leave. Each task logs ``turn`` at
+    parent, which this process does not outlive) before those events could leave (once: the task sent again
+    to the restarted site trains normally). Each task logs ``turn`` at
     ``steps`` steps of its own.\"\"\"
 
     def __init__(
@@ -189,7 +190,8 @@ class TurnTrainer(Trainer):
             time.sleep(600)
         if task.round == 1 and self.site.name in self.crash:
             os.kill(os.getpid(), 9)
-        if task.round == 1 and self.site.name in self.kill_client:
+        if task.round == 1 and self.site.name in self.kill_client and not (self.site.workspace / "killed").exists():
+            (self.site.workspace / "killed").touch()
             for step in range(300):
                 MLflowWriter().log_metric("before_kill", float(step), step=step)
             os.kill(os.getppid(), 9)

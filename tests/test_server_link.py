@@ -109,18 +109,21 @@ def test_strangers_and_old_instances_are_refused() -> None:
         link.poll("site-1", "a", "", 0)
 
 
-def test_a_restarted_site_loses_its_running_task_but_not_its_queue() -> None:
+def test_a_restarted_site_runs_its_interrupted_task_again_once() -> None:
     link, recorder, _ = _link()
     link.join("site-1", "a")
     link.send(_task(1))
     link.send(_task(2))
-    link.poll("site-1", "a", "", 0)
-    link.join("site-1", "b")  # the client's process was restarted
+    assert link.poll("site-1", "a", "", 0) == _task(1)
+    link.join("site-1", "b")  # the site's process was restarted: the new one runs the task it was running
+    assert recorder.results() == []
+    assert link.poll("site-1", "b", "", 0) == _task(1)
+    link.join("site-1", "c")  # restarted again while running it: it fails, and the queue stays
     (failed,) = recorder.results()
     assert failed.task_id == "t1" and failed.failure is not None
-    assert "restarted" in failed.failure.reason
-    assert link.poll("site-1", "b", "", 0) == _task(2)
-    link.receive("site-1", "b", Result("t1", "site-1", 5))  # the old task's late result is ignored
+    assert "restarted while running it, also when it was sent again" in failed.failure.reason
+    assert link.poll("site-1", "c", "", 0) == _task(2)
+    link.receive("site-1", "c", Result("t1", "site-1", 5))  # the old task's late result is ignored
     assert len(recorder.results()) == 1
 
 

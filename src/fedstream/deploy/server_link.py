@@ -48,6 +48,7 @@ class _Slot:
     absent: bool = False  # marked absent: its tasks fail at once until it joins again
     left: bool = False  # said goodbye after the job's end
     declined: str = ""  # why the site will not run this job
+    resent: set[str] = field(default_factory=set)  # tasks sent again because a restart interrupted them
 
     def take_tasks(self) -> list[Task]:
         """The task it runs and those queued for it, which it will no longer get."""
@@ -130,17 +131,24 @@ class PullLink:
     # -- what the sites call (from the service's threads) -----------------------------------------------------------
     def join(self, site: str, instance: str) -> None:
         """``site``'s process ``instance`` is set up; a new instance replaces the previous one."""
-        lost: Task | None = None
+        interrupted: Task | None = None
+        again = False
         with self._cond:
             slot = self._slot(site)
-            if slot.instance and slot.instance != instance:
-                lost, slot.running = slot.running, None
+            if slot.instance and slot.instance != instance and slot.running is not None:
+                interrupted, slot.running = slot.running, None
+                if interrupted.id not in slot.resent:  # the new process runs it, once: a killed client costs nothing
+                    slot.resent.add(interrupted.id)
+                    slot.queue.appendleft(interrupted)
+                    again = True
             rejoined = slot.instance != instance or not slot.present
             slot.instance, slot.present, slot.absent, slot.left, slot.declined = instance, True, False, False, ""
             slot.seen = self._clock()
             self._cond.notify_all()
-        if lost is not None:
-            self._fail(lost, "the site's client restarted while running it")
+        if interrupted is not None and again:
+            log.warning("%s restarted while running task %s; it is sent again", site, interrupted.id)
+        elif interrupted is not None:
+            self._fail(interrupted, "the site's process restarted while running it, also when it was sent again")
         if rejoined:
             log.info("%s joined (instance %s)", site, instance)
             self._endpoint_().site_joined(site)
