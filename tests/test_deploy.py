@@ -123,6 +123,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield workspace, local.admin
 
 
+def test_poc_refuses_more_sites_than_fit_in_memory_before_starting_anything(tmp_path: Path) -> None:
+    done = run_cli("poc", str(REPO / "jobs" / "hello-pt"), "-w", str(tmp_path / "ws"), "-n", "100000")
+    assert done.returncode == 2, done.stderr
+    assert "-n: 100000 sites need about 39,062 GB under poc" in done.stderr
+    assert "fedstream simulate -n 100000 -t T" in " ".join(done.stderr.split())
+    assert not (tmp_path / "ws").exists()
+
+
 def test_a_site_certificate_cannot_manage_jobs(deployment: Any) -> None:
     workspace, admin = deployment
     impostor = Admin(load_kit(workspace / "kits" / "site-1", "site"))

@@ -42,6 +42,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+SITE_MB = 400
+"""Memory a site takes under poc before any data: its client (70 MB) and the site process it starts ahead,
+which has PyTorch loaded (300 MB with the CPU build)."""
+
+
 def poc_project(num_sites: int, port: int) -> Project:
     if num_sites < 1:
         raise ConfigError(f"the number of sites must be at least 1, got {num_sites}", key="-n")
@@ -108,8 +113,9 @@ def federation(
     """Provision, start the server and the clients, and yield them once the server answers; stop them all
     after. ``adjust`` may change the kits (in the folder it is given) before anything starts;
     ``environment`` is added to the clients' (``https_proxy``, say)."""
+    project = poc_project(num_sites, free_port())
+    _check_memory(num_sites)
     with exclusive(workspace, "fedstream poc"):
-        project = poc_project(num_sites, free_port())
         _claim(workspace)
         kits = workspace / "kits"
         shutil.rmtree(kits, ignore_errors=True)
@@ -131,6 +137,31 @@ def federation(
                 yield local
             finally:
                 local.stop()
+
+
+def _check_memory(num_sites: int) -> None:
+    """Refuse a number of sites whose processes could not fit in this machine's available memory."""
+    available = available_mb()
+    needed = num_sites * SITE_MB
+    if available is not None and needed > available:
+        raise ConfigError(
+            f"{num_sites} sites need about {needed / 1024:,.0f} GB under poc (a client and a site process each, "
+            f"{SITE_MB} MB before any data), and this machine has {available / 1024:,.1f} GB available; run fewer "
+            f"sites, or run many on a few processes with fedstream simulate -n {num_sites} -t T",
+            key="-n",
+        )
+
+
+def available_mb() -> float | None:
+    """The memory the kernel says new processes can use (MemAvailable), in MB; ``None`` where it does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _claim(workspace: Path) -> None:
