@@ -194,6 +194,9 @@ def test_override_errors_say_they_came_from_set(tmp_path: Path) -> None:
         load_job(job, ("server.workflow.args.num_rounds",))
     with pytest.raises(ConfigError, match="'name' is a str, not a table"):
         load_job(job, ("name.x=1",))
+    error = error_of(job, ("server.receivers.tb.args.folder=x",))  # a table the job does not have
+    assert error.file == f"{job / 'job.toml'} (--set)"
+    assert error.key == "server.receivers.tb.path" and "missing" in error.message
 
 
 def test_toml_syntax_error_and_missing_folder(tmp_path: Path) -> None:

@@ -116,12 +116,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
-    """Apply ``--set`` overrides to ``data`` in place; returns the dotted keys they set."""
+    """Apply ``--set`` overrides to ``data`` in place; returns the dotted keys they set and the tables they
+    made (an error about a key missing from such a table is the override's)."""
     keys = set()
     for text in overrides:
         parts, value = parse_override(text)
         node = data
         for i, part in enumerate(parts[:-1]):
+            if part not in node:
+                keys.add(".".join(parts[: i + 1]))
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
