@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -87,6 +88,15 @@ def test_a_signing_request_keeps_the_key_at_the_site(tmp_path: Path) -> None:
     assert kit.name == "site-9"
     with pytest.raises(ConfigError, match="would replace the key"):
         make_request("site-9", site_kit)
+    assert sign_request(request, kits, "site", project) == signed, "signing the same request again changes nothing"
+    assert (signed / "cert.pem").read_bytes() == kit.cert
+    for name in ("site-9", "site-1"):  # another key asking for a name that has a certificate: signed, or kit made
+        with pytest.raises(ConfigError, match=f"{name} has a certificate already .* another key"):
+            sign_request(make_request(name, tmp_path / f"impostor-{name}"), kits, "site", project)
+    assert (signed / "cert.pem").read_bytes() == kit.cert
+    cert_1 = _cert(kits / "site-1")
+    key_1 = serialization.load_pem_private_key((kits / "site-1" / "key.pem").read_bytes(), None)
+    assert cert_1.public_key().public_numbers() == key_1.public_key().public_numbers(), "site-1's kit still works"
     with pytest.raises(ConfigError, match=r"bad site name '\.\./x'"):
         make_request("../x", tmp_path / "elsewhere")
 

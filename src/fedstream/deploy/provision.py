@@ -45,6 +45,7 @@ CA_KEY = "ca.key"
 CA_CERT = "ca.pem"
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 CLOCK_SKEW = datetime.timedelta(minutes=5)  # certificates are valid from a little before now
+_PUBLIC = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)  # a key, compared
 
 
 def _participant(name: str) -> str:
@@ -282,10 +283,19 @@ def sign_request(
     if not name or not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise ConfigError("the request needs a common name and an EC key", file=str(path))
     root = Path(kits)
+    out = root / name
+    if (out / CERT_FILE).exists():
+        held = x509.load_pem_x509_certificate((out / CERT_FILE).read_bytes()).public_key()
+        if held.public_bytes(*_PUBLIC) == public_key.public_bytes(*_PUBLIC):
+            return out  # signed before: the kit is there
+        raise ConfigError(
+            f"{name} has a certificate already ({out / CERT_FILE}), for another key: the request may not come "
+            f"from {name}, so it is refused. If {name} lost its key, remove {out} and sign its new request",
+            file=str(path),
+        )
     authority = Authority.load(root / CA_DIR)
     cert = authority.sign(public_key, name, role, project.name, project.valid_days, project.server.hosts)
     config = KitConfig(federation=project.name, name=name, role=role, server=project.address)
-    out = root / name
     _write_kit(out, authority, cert, None, config)
     return out
 
