@@ -127,6 +127,21 @@ def test_a_restarted_site_runs_its_interrupted_task_again_once() -> None:
     assert len(recorder.results()) == 1
 
 
+def test_a_site_running_in_two_processes_fails_its_tasks_and_says_why() -> None:
+    link, recorder, _ = _link()
+    link.join("site-1", "a")
+    link.join("site-1", "b")  # a restart, as far as the link can tell
+    link.send(_task(1))
+    assert link.poll("site-1", "b", "", 0) == _task(1)
+    link.join("site-1", "a")  # a replaced process comes back: the same kit runs twice
+    (failed,) = recorder.results()
+    assert failed.task_id == "t1" and failed.failure is not None
+    assert failed.failure.reason == (
+        "site-1 runs in two processes at once (instances b and a): its kit is started twice, on this machine or "
+        "another; stop one"
+    )
+
+
 def test_a_silent_site_is_absent_its_tasks_fail_and_it_may_come_back() -> None:
     link, recorder, clock = _link(absent_after_s=30)
     link.join("site-1", "a")

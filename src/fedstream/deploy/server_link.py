@@ -49,6 +49,8 @@ class _Slot:
     left: bool = False  # said goodbye after the job's end
     declined: str = ""  # why the site will not run this job
     resent: set[str] = field(default_factory=set)  # tasks sent again because a restart interrupted them
+    replaced: set[str] = field(default_factory=set)  # instances a newer one replaced (a restarted process)
+    doubled: str = ""  # why the site seems to run in two processes at once
 
     def take_tasks(self) -> list[Task]:
         """The task it runs and those queued for it, which it will no longer get."""
@@ -130,25 +132,39 @@ class PullLink:
 
     # -- what the sites call (from the service's threads) -----------------------------------------------------------
     def join(self, site: str, instance: str) -> None:
-        """``site``'s process ``instance`` is set up; a new instance replaces the previous one."""
+        """``site``'s process ``instance`` is set up; a new instance replaces the previous one (a restarted
+        process), and gets the task that one was running, once. An instance that was replaced and joins again
+        means two live processes of the site: what they run fails, with that reason."""
         interrupted: Task | None = None
-        again = False
+        again = warn = False
         with self._cond:
             slot = self._slot(site)
-            if slot.instance and slot.instance != instance and slot.running is not None:
+            if slot.instance and slot.instance != instance:
+                if instance in slot.replaced and not slot.doubled:
+                    slot.doubled = (
+                        f"{site} runs in two processes at once (instances {slot.instance} and {instance}): its kit "
+                        "is started twice, on this machine or another; stop one"
+                    )
+                    warn = True
+                slot.replaced.add(slot.instance)
                 interrupted, slot.running = slot.running, None
-                if interrupted.id not in slot.resent:  # the new process runs it, once: a killed client costs nothing
-                    slot.resent.add(interrupted.id)
+                if interrupted is not None and not slot.doubled and interrupted.id not in slot.resent:
+                    slot.resent.add(interrupted.id)  # the new process runs it, once: a killed client costs nothing
                     slot.queue.appendleft(interrupted)
                     again = True
             rejoined = slot.instance != instance or not slot.present
             slot.instance, slot.present, slot.absent, slot.left, slot.declined = instance, True, False, False, ""
             slot.seen = self._clock()
             self._cond.notify_all()
+            doubled = slot.doubled
+        if warn:
+            log.error("%s", doubled)
         if interrupted is not None and again:
             log.warning("%s restarted while running task %s; it is sent again", site, interrupted.id)
         elif interrupted is not None:
-            self._fail(interrupted, "the site's process restarted while running it, also when it was sent again")
+            self._fail(
+                interrupted, doubled or "the site's process restarted while running it, also when it was sent again"
+            )
         if rejoined:
             log.info("%s joined (instance %s)", site, instance)
             self._endpoint_().site_joined(site)
