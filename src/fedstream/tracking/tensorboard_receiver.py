@@ -30,7 +30,7 @@ import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fedstream.errors import TrackingError
 from fedstream.events import Event, Forwarded
@@ -183,46 +183,45 @@ def _resume(root: Path) -> dict[str, int]:
     journal gives again."""
     written: dict[str, int] = {}
     for path in sorted(root.glob("*/events.out.tfevents.*")):
-        data = path.read_bytes()
-        found = _last_written_through(data)
+        with path.open("rb") as file:
+            found = _last_written_through(file)
         if found is None:
             continue
         position, end, damaged = found
         if damaged:
-            log.warning("TensorBoard: %s is damaged after byte %d; it is kept as it is", path, end)
-        elif end < len(data):
+            log.warning("TensorBoard: %s holds a damaged record; it is kept as it is", path)
+        elif end < path.stat().st_size:
             log.warning("TensorBoard: %s ends with a batch its writer was killed writing; it is written again", path)
             os.truncate(path, end)
         written[path.parent.name] = max(written.get(path.parent.name, 0), position)
     return written
 
 
-def _last_written_through(data: bytes) -> tuple[int, int, bool] | None:
-    """The position in the last "written through" record of an event file's ``data``, where that record ends,
-    and whether a damaged record (not one cut short by the end of the data) stopped the reading; ``None`` if
-    it has no such record."""
+def _last_written_through(file: BinaryIO) -> tuple[int, int, bool] | None:
+    """The position in the last "written through" record of an event file, where that record ends, and
+    whether a damaged record (not one cut short by the end of the file) stopped the reading; ``None`` if it
+    has no such record. Reads one record at a time."""
     from tensorboard.compat.proto import event_pb2
 
     found: tuple[int, int] | None = None
-    offset, damaged = 0, False
-    while offset + _LENGTH.size + _CRC.size <= len(data):
-        length = data[offset : offset + _LENGTH.size]
-        start = offset + _LENGTH.size + _CRC.size
-        end = start + _LENGTH.unpack(length)[0] + _CRC.size
-        if _CRC.unpack_from(data, offset + _LENGTH.size)[0] != _masked_crc32c(length):
+    damaged = False
+    while len(head := file.read(_LENGTH.size + _CRC.size)) == _LENGTH.size + _CRC.size:
+        length = head[: _LENGTH.size]
+        if _CRC.unpack_from(head, _LENGTH.size)[0] != _masked_crc32c(length):
             damaged = True
             break
-        if end > len(data):
-            break
-        body = data[start : end - _CRC.size]
-        if _CRC.unpack_from(data, end - _CRC.size)[0] != _masked_crc32c(body):
+        (size,) = _LENGTH.unpack(length)
+        rest = file.read(size + _CRC.size)
+        if len(rest) < size + _CRC.size:
+            break  # cut short
+        body = rest[:size]
+        if _CRC.unpack_from(rest, size)[0] != _masked_crc32c(body):
             damaged = True
             break
         if WRITTEN_THROUGH.encode() in body:  # else not one: parse only the candidates
             event = event_pb2.Event.FromString(body)
             if event.HasField("log_message") and event.log_message.message.startswith(WRITTEN_THROUGH):
-                found = int(event.log_message.message.removeprefix(WRITTEN_THROUGH)), end
-        offset = end
+                found = int(event.log_message.message.removeprefix(WRITTEN_THROUGH)), file.tell()
     return None if found is None else (*found, damaged)
 
 
