@@ -43,7 +43,7 @@ class Admin:
         folder = Path(job_dir)
         if not (folder / JOB_FILE).is_file():
             raise ConfigError(f"not a job folder (no {JOB_FILE})", file=str(folder))
-        archive = pack_job(folder)
+        archive = pack_job(folder, MAX_JOB_BYTES)
         if len(archive) > MAX_JOB_BYTES:
             raise ConfigError(
                 f"the job folder packs to {len(archive) / 2**20:.0f} MiB, over {MAX_JOB_BYTES // 2**20} MiB; "

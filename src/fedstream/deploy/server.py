@@ -150,17 +150,39 @@ class JobRecord:
         }
 
 
-def pack_job(folder: Path) -> bytes:
-    """The job folder as a gzipped tar (without caches), as admins submit it and sites receive it."""
+def pack_job(folder: Path, limit: int = 0) -> bytes:
+    """The job folder as a gzipped tar (without caches), as admins submit it and sites receive it. Symbolic
+    links are followed (simulate sees what they point to). With ``limit``, a folder whose files hold over four
+    times that many bytes is refused as soon as that is known (a data set inside it), before it is packed."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for path in sorted(folder.rglob("*")):
-            relative = path.relative_to(folder)
-            if any(part in {"__pycache__", ".git"} or part.endswith(".pyc") for part in relative.parts):
-                continue
-            if path.is_file() and not path.is_symlink():
-                archive.add(path, arcname=str(relative), recursive=False)
+    size = 0
+    with tarfile.open(fileobj=buffer, mode="w:gz", dereference=True) as archive:
+        for path in _job_files(folder):
+            size += path.stat().st_size
+            if limit and size > 4 * limit:
+                raise ConfigError(
+                    f"the job folder holds over {4 * limit // 2**20} MiB ({path.relative_to(folder)} among it); "
+                    "keep data sets and checkpoints out of it",
+                    file=str(folder),
+                )
+            archive.add(path, arcname=str(path.relative_to(folder)), recursive=False)
     return buffer.getvalue()
+
+
+def _job_files(folder: Path) -> Iterator[Path]:
+    """The files of a job folder, in order, through symbolic links (each folder once), without caches."""
+    seen: set[str] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back to a folder walked already
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if name not in {"__pycache__", ".git"})
+        for name in sorted(files):
+            path = Path(root) / name
+            if not name.endswith(".pyc") and path.is_file():
+                yield path
 
 
 def job_folder_name(name: object) -> str:
