@@ -23,10 +23,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fedstream.config import load_job
 from fedstream.deploy import protocol
 from fedstream.deploy.admin import Admin
+from fedstream.deploy.archive import pack_job
 from fedstream.deploy.kit import Kit, load_kit
 from fedstream.deploy.poc import LocalFederation, federation, free_port, poc_project
 from fedstream.deploy.provision import Authority, provision
-from fedstream.deploy.server import ENDED, pack_job
+from fedstream.deploy.server import ENDED
 from fedstream.deploy.signing import sign_job
 from fedstream.deploy.site_link import GrpcSiteLink
 from fedstream.errors import ConfigError, FedstreamError, TransportError

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from fedstream.deploy.archive import pack_job, unpack_job
 from fedstream.deploy.kit import load_kit
 from fedstream.deploy.poc import poc_project
 from fedstream.deploy.provision import provision
-from fedstream.deploy.server import pack_job, unpack_job
 from fedstream.deploy.signing import JobRefused, Signature, sign_job, verify_job
 from fedstream.errors import ConfigError
 

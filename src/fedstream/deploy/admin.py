@@ -5,6 +5,7 @@ Only a certificate with the admin role may make them; the server refuses any oth
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,9 @@ import grpc
 
 from fedstream.config.loader import JOB_FILE
 from fedstream.deploy import protocol
+from fedstream.deploy.archive import MAX_JOB_BYTES, pack_job, unpack_job
 from fedstream.deploy.kit import Kit
-from fedstream.deploy.server import ENDED, MAX_JOB_BYTES, pack_job, unpack_job
+from fedstream.deploy.server import ENDED
 from fedstream.deploy.signing import sign_job
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 
@@ -95,11 +97,14 @@ class Admin:
         """Fetch the job's outputs on the server into ``folder/<job id>/``; returns that folder."""
         target = Path(folder) / job_id
         call = self._channel.unary_stream(protocol.method("Download"))
-        try:
-            archive = bytes(protocol.join_chunks(call(protocol.to_json({"job_id": job_id}), timeout=600), 2**40))
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
-        unpack_job(archive, target)
+        with tempfile.TemporaryFile() as archive:  # models are large: on disk, not in memory
+            try:
+                for chunk in call(protocol.to_json({"job_id": job_id}), timeout=600):
+                    archive.write(chunk)
+            except grpc.RpcError as exc:
+                raise self._error(exc) from None
+            archive.seek(0)
+            unpack_job(archive, target)
         return target
 
     def follow(

@@ -30,8 +30,8 @@ from fedstream.children import detach_from_terminal_signals
 from fedstream.config import load_job
 from fedstream.config.loader import parse_override
 from fedstream.deploy import protocol
+from fedstream.deploy.archive import job_folder_name, unpack_job
 from fedstream.deploy.kit import KIT_FILE, Kit, load_kit
-from fedstream.deploy.server import job_folder_name, unpack_job
 from fedstream.deploy.signing import JobRefused, Signature, verify_job
 from fedstream.deploy.site_link import JOB, Backoff, GrpcSiteLink
 from fedstream.errors import ConfigError

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 from cryptography import x509
@@ -53,6 +53,14 @@ def chunks(*parts: bytes | memoryview) -> Iterator[bytes]:
         view = memoryview(part)
         for start in range(0, len(view), CHUNK_BYTES):
             yield bytes(view[start : start + CHUNK_BYTES])
+
+
+def read_chunks(file: BinaryIO) -> Iterator[bytes]:
+    """The rest of ``file`` in chunks of at most :data:`CHUNK_BYTES`; the file is closed at the end (also when
+    the call ends early)."""
+    with file:
+        while chunk := file.read(CHUNK_BYTES):
+            yield chunk
 
 
 class TooLarge(Exception):

@@ -12,12 +12,11 @@ starts again: after the last completed round, with the same MLflow runs; queued 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import sys
-import tarfile
+import tempfile
 import threading
 import time
 import traceback
@@ -34,6 +33,7 @@ from fedstream import __version__, logs
 from fedstream.children import sigterm_as_interrupt
 from fedstream.config import Job, load_job
 from fedstream.deploy import protocol
+from fedstream.deploy.archive import MAX_JOB_BYTES, job_folder_name, pack, unpack_job
 from fedstream.deploy.kit import Kit
 from fedstream.deploy.server_link import PullLink, Refused, Rejoin
 from fedstream.deploy.signing import JobRefused, Signature, verify_job
@@ -47,7 +47,6 @@ from fedstream.workspace import MARKER, Workspace, check_site_names, exclusive
 
 log = logging.getLogger(__name__)
 
-MAX_JOB_BYTES = 64 * 1024**2
 ENDED = ("completed", "failed", "aborted")
 
 RPC_THREADS = 2048
@@ -148,60 +147,6 @@ class JobRecord:
             "error": self.error or (self.result or {}).get("error") or None,
             "result": self.result,
         }
-
-
-def pack_job(folder: Path, limit: int = 0) -> bytes:
-    """The job folder as a gzipped tar (without caches), as admins submit it and sites receive it. Symbolic
-    links are followed (simulate sees what they point to). With ``limit``, a folder whose files hold over four
-    times that many bytes is refused as soon as that is known (a data set inside it), before it is packed."""
-    buffer = io.BytesIO()
-    size = 0
-    with tarfile.open(fileobj=buffer, mode="w:gz", dereference=True) as archive:
-        for path in _job_files(folder):
-            size += path.stat().st_size
-            if limit and size > 4 * limit:
-                raise ConfigError(
-                    f"the job folder holds over {4 * limit // 2**20} MiB ({path.relative_to(folder)} among it); "
-                    "keep data sets and checkpoints out of it",
-                    file=str(folder),
-                )
-            archive.add(path, arcname=str(path.relative_to(folder)), recursive=False)
-    return buffer.getvalue()
-
-
-def _job_files(folder: Path) -> Iterator[Path]:
-    """The files of a job folder, in order, through symbolic links (each folder once), without caches."""
-    seen: set[str] = set()
-    for root, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:  # a link back to a folder walked already
-            folders.clear()
-            continue
-        seen.add(real)
-        folders[:] = sorted(name for name in folders if name not in {"__pycache__", ".git"})
-        for name in sorted(files):
-            path = Path(root) / name
-            if not name.endswith(".pyc") and path.is_file():
-                yield path
-
-
-def job_folder_name(name: object) -> str:
-    """The job folder's own name (a job without ``name`` in job.toml is called after its folder), if safe."""
-    return (
-        name
-        if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-        else "job"
-    )
-
-
-def unpack_job(data: bytes, folder: Path) -> None:
-    """Extract a job archive into ``folder``; entries that would land outside it are refused."""
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
-            archive.extractall(folder, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ConfigError(f"the job archive is unusable: {exc}") from None
 
 
 class FederationServer:
@@ -605,8 +550,17 @@ class FederationServer:
             return file.read()
 
     def _download(self, admin: str, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """The job's outputs on the server (result.json, models, logs, TensorBoard files) as a gzipped tar."""
-        return protocol.chunks(pack_job(self._outputs(request, context)))
+        """The job's outputs on the server (result.json, models, logs, TensorBoard files) as a gzipped tar,
+        packed into a temporary file first: memory stays a chunk whatever the models' size."""
+        folder = self._outputs(request, context)
+        spool = tempfile.TemporaryFile(dir=self.root)  # noqa: SIM115 - read_chunks closes it
+        try:
+            pack(folder, spool)
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return protocol.read_chunks(spool)
 
     def _sites(self, admin: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         now = time.time()
