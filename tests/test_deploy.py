@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import torch
 from cryptography import x509
@@ -130,6 +131,26 @@ def test_poc_refuses_more_sites_than_fit_in_memory_before_starting_anything(tmp_
     assert "-n: 100000 sites need about 39,062 GB under poc" in done.stderr
     assert "fedstream simulate -n 100000 -t T" in " ".join(done.stderr.split())
     assert not (tmp_path / "ws").exists()
+
+
+def _processes_of(workspace: Path) -> list[str]:
+    """The command lines of the running processes that name ``workspace``."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if str(workspace) in line and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(line)
+    return found
+
+
+def test_no_process_outlives_poc(tmp_path: Path, tiny_cifar: Path) -> None:
+    # hello-pt has no receivers: the job ends the moment its last round does, as the clients start the site
+    # processes for their next job. One a client started as it was stopped ends at once, not after the
+    # seconds it takes to load PyTorch.
+    data = ["--set", f"client.trainer.args.data.root={tiny_cifar}"]
+    done = run_cli("poc", str(REPO / "jobs" / "hello-pt"), "-w", str(tmp_path / "poc"), "-n", "2", *data, *TINY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_for(lambda: not _processes_of(tmp_path / "poc"), "poc's processes to end", timeout_s=1)
 
 
 def test_a_site_certificate_cannot_manage_jobs(deployment: Any) -> None:

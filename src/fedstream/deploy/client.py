@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from fedstream import __version__, logs
-from fedstream.children import detach_from_terminal_signals
+from fedstream.children import PARENT
 from fedstream.config import load_job
 from fedstream.config.loader import parse_override
 from fedstream.deploy import protocol
@@ -66,8 +66,8 @@ class Client:
         """The child that will run the next job: started ahead, it waits for the job's folder on stdin."""
         spare, self._spare = self._spare, None
         if spare is None or spare.poll() is not None:
-            command = [sys.executable, "-m", "fedstream.deploy.client", str(self.kit.folder)]
-            env = {**os.environ, "FEDSTREAM_TORCH_THREADS": str(self.threads)}
+            command = [sys.executable, "-m", "fedstream.deploy.site_process", str(self.kit.folder)]
+            env = {**os.environ, "FEDSTREAM_TORCH_THREADS": str(self.threads), PARENT: str(os.getpid())}
             spare = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
         return spare
 
@@ -172,9 +172,8 @@ class Client:
 
 
 def site_main(kit_dir: str) -> None:
-    """The child process: once given a job's folder on stdin, host this kit's site in the job over gRPC
-    until the server ends it."""
-    detach_from_terminal_signals()
+    """The child process (:mod:`fedstream.deploy.site_process`): once given a job's folder on stdin, host this
+    kit's site in the job over gRPC until the server ends it."""
     import torch
 
     from fedstream.pt.executor import job_sites, preload
@@ -210,8 +209,3 @@ def site_main(kit_dir: str) -> None:
 
 def _keys(overrides: list[str]) -> list[str]:
     return [".".join(parse_override(text)[0]) for text in overrides]
-
-
-if __name__ == "__main__":
-    site_main(sys.argv[1])
-    os._exit(0)  # all is sent and logged: skip PyTorch's second-long teardown
