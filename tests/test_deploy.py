@@ -489,6 +489,9 @@ def test_an_admin_reads_the_log_and_downloads_the_outputs(deployment: Any, tmp_p
     assert (tmp_path / "got" / job_id / "server" / "models" / "global.pt").is_file()
     with pytest.raises(FedstreamError, match="no job 'nope'"):
         admin.download("nope", tmp_path)
+    (tmp_path / "a-file").touch()
+    with pytest.raises(ConfigError, match=f"a-file/{job_id}: cannot create the folder: Not a directory"):
+        admin.download(job_id, tmp_path / "a-file")
 
 
 def test_a_changed_job_runs_its_new_code_on_a_long_running_server(deployment: Any, tmp_path: Path) -> None:

@@ -64,7 +64,10 @@ def _files(folder: Path) -> Iterator[Path]:
 
 def unpack_job(source: bytes | BinaryIO, folder: Path) -> None:
     """Extract an archive (its bytes, or a file positioned at its start) into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the folder: {exc.strerror}", file=str(folder)) from None
     try:
         with tarfile.open(fileobj=io.BytesIO(source) if isinstance(source, bytes) else source, mode="r:gz") as archive:
             archive.extractall(folder, filter="data")
