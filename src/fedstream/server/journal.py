@@ -10,9 +10,10 @@ over (and so before the site hears the acknowledgement), and the runtime each co
 each event a *position*, in the order the receivers are given them. Each receiver host records how far it
 has written: every event it was given before position P is written or given up. A server that restarts in
 the middle of the job reads the file back: the inbox continues each site's numbering (a batch sent again is
-not taken twice), and each receiver is given again the events of its kinds from its mark on. What can
-repeat is what a receiver wrote in the instant before its mark was recorded (MLflow keeps a metric logged
-twice with the same step, time and value once).
+not taken twice), and each receiver is given again the events of its kinds from its mark on. A receiver
+is so given again what it wrote in the instant before its mark was recorded, and writes it once: MLflow's
+SQL stores keep a metric logged twice with the same step, time and value once, and TensorBoard's receiver
+finds in its files how far it has written (:mod:`fedstream.tracking.tensorboard_receiver`).
 
 Lines (:mod:`fedstream.jsonlines`): ``{"next": P, "sites": {site: [session, handled]}, "marks": {name: P},
 "last_round": R}`` first; then ``{"at": P, "site", "session", "handled", "events": [[name, data], ...]}`` for
