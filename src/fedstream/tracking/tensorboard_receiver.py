@@ -204,7 +204,7 @@ def _last_written_through(file: BinaryIO) -> tuple[int, int, bool] | None:
     from tensorboard.compat.proto import event_pb2
 
     found: tuple[int, int] | None = None
-    damaged = False
+    damaged, marker = False, WRITTEN_THROUGH.encode()
     while len(head := file.read(_LENGTH.size + _CRC.size)) == _LENGTH.size + _CRC.size:
         length = head[: _LENGTH.size]
         if _CRC.unpack_from(head, _LENGTH.size)[0] != _masked_crc32c(length):
@@ -218,7 +218,7 @@ def _last_written_through(file: BinaryIO) -> tuple[int, int, bool] | None:
         if _CRC.unpack_from(rest, size)[0] != _masked_crc32c(body):
             damaged = True
             break
-        if WRITTEN_THROUGH.encode() in body:  # else not one: parse only the candidates
+        if marker in body:  # else not one: parse only the candidates
             event = event_pb2.Event.FromString(body)
             if event.HasField("log_message") and event.log_message.message.startswith(WRITTEN_THROUGH):
                 found = int(event.log_message.message.removeprefix(WRITTEN_THROUGH)), file.tell()
