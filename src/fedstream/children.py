@@ -4,30 +4,21 @@ to it), and SIGTERM taken as Ctrl-C by the long-running commands."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 from collections.abc import Iterator
 from types import FrameType
 
-PARENT = "FEDSTREAM_PARENT"
-"""Environment variable: the pid of the process that started this one, for a child that must not outlive it
-(see :func:`detach_from_terminal_signals`)."""
-
 
 def detach_from_terminal_signals() -> None:
     """Ignore Ctrl-C (the parent decides when its children stop) and die when the parent dies, so that a
-    killed parent leaves no orphans (Linux; elsewhere the parent's cleanup has to do). A child started with
-    :data:`PARENT` in its environment whose parent died before this call exits at once."""
+    killed parent leaves no orphans (Linux; elsewhere the parent's cleanup has to do)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    parent = os.environ.pop(PARENT, "")  # not for this process's own children
-    if parent and os.getppid() != int(parent):
-        os._exit(0)
 
 
 @contextlib.contextmanager
