@@ -168,3 +168,29 @@ def test_kits_without_a_ca_are_not_overwritten(tmp_path: Path) -> None:
     (kits / "ca" / "ca.key").unlink()
     with pytest.raises(ConfigError, match="holds kits but no CA"):
         provision(load_project(_project(tmp_path)), kits)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('name = "demo"', 'name = "other"'), "holds the CA of federation 'demo', and the project is 'other'"),
+        (("port = 9443", "port = 9444"), "at fl.example.org:9443 .*, and the project says fl.example.org:9444"),
+        (('"127.0.0.1"]', '"127.0.0.1", "10.0.0.1"]'), r"is for hosts \['fl.example.org', '127.0.0.1'\]"),
+    ],
+)
+def test_provisioning_again_refuses_another_federation_or_server(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    kits = tmp_path / "kits"
+    provision(load_project(_project(tmp_path)), kits)
+    changed = PROJECT.replace(*change).replace('"site-2"]', '"site-2", "site-3"]')
+    with pytest.raises(ConfigError, match=message):
+        provision(load_project(_project(tmp_path, changed)), kits)
+    with pytest.raises(ConfigError, match=message):  # nor is a request signed for it
+        sign_request(make_request("site-4", tmp_path / "site-4"), kits, "site", load_project(tmp_path / "project.toml"))
+    assert not (kits / "site-3").exists() and not (kits / "site-4").exists()
+
+
+def test_provisioning_into_a_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a folder"):
+        provision(load_project(_project(tmp_path)), tmp_path / "project.toml")

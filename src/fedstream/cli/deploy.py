@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if command == "provision":
         from fedstream.deploy.provision import load_project, provision
 
-        created = provision(load_project(args.project), args.output)
+        with _in_project(args.project):
+            created = provision(load_project(args.project), args.output)
         console.print(f"created {len(created)} kit(s) in {args.output}: {', '.join(created) or 'none new'}")
         return 0
     if command == "csr":
@@ -113,7 +116,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if command == "sign":
         from fedstream.deploy.provision import load_project, sign_request
 
-        folder = sign_request(args.request, args.output, args.role, load_project(args.project))
+        with _in_project(args.project):
+            folder = sign_request(args.request, args.output, args.role, load_project(args.project))
         console.print(f"signed: send the files of {folder} back (the requester adds its key.pem)")
         return 0
     if command == "server":
@@ -173,6 +177,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return 0
     finally:
         admin.close()
+
+
+@contextlib.contextmanager
+def _in_project(path: str) -> Iterator[None]:
+    """Place the errors that name a key of the project but no file in ``path``, the project's file."""
+    from fedstream.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.key and not exc.file:
+            raise exc.located(file=path) from None
+        raise
 
 
 def _print_json(value: Any) -> None:

@@ -218,9 +218,12 @@ class Authority:
 def provision(project: Project, out: str | os.PathLike[str]) -> list[str]:
     """Create the CA (once) and the kits missing under ``out``; returns the names of the kits created."""
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ConfigError("not a folder: name a folder for the CA and the kits", file=str(root))
     ca_folder = root / CA_DIR
     if (ca_folder / CA_KEY).exists():
         authority = Authority.load(ca_folder)
+        _check_same_federation(root, authority, project)
     else:
         if any((root / name / CERT_FILE).exists() for name, _ in project.participants()):
             raise ConfigError(f"{root} holds kits but no CA ({ca_folder / CA_KEY}); provision into a new folder")
@@ -294,10 +297,48 @@ def sign_request(
             file=str(path),
         )
     authority = Authority.load(root / CA_DIR)
+    _check_same_federation(root, authority, project)
     cert = authority.sign(public_key, name, role, project.name, project.valid_days, project.server.hosts)
     config = KitConfig(federation=project.name, name=name, role=role, server=project.address)
     _write_kit(out, authority, cert, None, config)
     return out
+
+
+def _check_same_federation(root: Path, authority: Authority, project: Project) -> None:
+    """Refuse to add kits under ``root`` for a project that is not the one its CA and kits were made for: a new
+    kit would point at another server, or carry another federation's name, than the kits already given out."""
+    names = authority.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    federation = str(names[0].value).removesuffix(" CA") if names else ""
+    if federation != project.name:
+        raise ConfigError(
+            f"{root} holds the CA of federation {federation!r}, and the project is {project.name!r}: kits are only "
+            f"added to the federation they were made for; provision {project.name!r} into a new folder",
+            key="name",
+        )
+    for kit in sorted(root.glob(f"*/{KIT_FILE}")):
+        try:
+            given = tomllib.loads(kit.read_text()).get("server")
+        except (OSError, tomllib.TOMLDecodeError):
+            continue  # not a kit this check can read; loading it names its problem
+        if given != project.address:
+            raise ConfigError(
+                f"the kits in {root} reach the server at {given} ({kit}), and the project says {project.address}: "
+                "provisioning again only adds kits, it changes none; give the server its old address in [server], "
+                "or provision into a new folder and hand out all the kits again",
+                key="server",
+            )
+    server = root / project.server.name / CERT_FILE
+    if server.exists():
+        held = x509.load_pem_x509_certificate(server.read_bytes())
+        issued = list(held.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        if issued != [_general_name(host) for host in project.server.hosts]:
+            hosts = [str(name.value) for name in issued]
+            raise ConfigError(
+                f"the server's certificate ({server}) is for hosts {hosts}, and the project names "
+                f"{project.server.hosts}: provisioning again changes no certificate; to issue the server one for "
+                f"the new hosts, remove {server.parent} and run it again (the sites' kits stay valid)",
+                key="server.hosts",
+            )
 
 
 def _write_kit(kit: Path, authority: Authority, cert: x509.Certificate, key: bytes | None, config: KitConfig) -> None:
