@@ -243,6 +243,17 @@ def test_a_job_for_a_site_never_seen_is_submitted_with_a_warning(deployment: Any
     assert status["state"] == "aborted" and status["error"] == "aborted by admin"
 
 
+def test_submit_follow_ends_with_the_summary_and_says_where_its_paths_are(deployment: Any, tmp_path: Path) -> None:
+    workspace, _ = deployment
+    kit = str(workspace / "kits" / "admin")
+    done = run_cli("submit", str(turns_job(tmp_path, rounds=1)), "--kit", kit, "--follow")
+    said = " ".join(done.stdout.split())
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = said.split()[2]
+    assert "completed in" in said and f"result {workspace}/server/jobs/{job_id}/result.json" in said, said
+    assert f"fetch them with: fedstream jobs download {job_id} --kit {kit} -o DIR" in said, said
+
+
 def test_a_job_aborted_while_the_server_loads_it_never_runs(deployment: Any, tmp_path: Path) -> None:
     # Its code takes 2 s to import, when the server checks it at submission and again when it starts it: the
     # abort comes while the job is out of the queue and not running yet.

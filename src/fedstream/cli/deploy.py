@@ -157,7 +157,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     f"[yellow]warning:[/] {', '.join(unseen)} not connected to this server since it started; the "
                     "job waits for them as long as the server's --absent-after allows (30 s by default)"
                 )
-            return _ended(console, admin.follow(job_id, _shower(console))) if args.follow else 0
+            if not args.follow:
+                return 0
+            code = _ended(console, admin.follow(job_id, _shower(console)))
+            console.print(
+                f"(the paths are the server's; fetch them with: fedstream jobs download {job_id} --kit {args.kit} "
+                "-o DIR)",
+                soft_wrap=True,
+                markup=False,
+                highlight=False,
+            )
+            return code
         if command == "sites":
             _print_json(admin.sites())
             return 0
