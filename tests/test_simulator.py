@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -311,6 +312,48 @@ def test_a_dead_worker_is_restarted_and_its_sites_rejoin(tmp_path: Path) -> None
     left = [m for m in result["membership"] if "left" in m]
     assert [m["site"] for m in left] == ["site-2", "site-4"] and "exited with code -9" in left[0]["left"]
     assert "site-2 left (worker exited with code -9)" in done.stdout
+
+
+def test_a_worker_that_cannot_start_again_is_given_up_and_its_sites_fail(tmp_path: Path) -> None:
+    # site-2 kills its worker; the job's code cannot be imported in a fresh process (forked workers inherit it,
+    # a restarted one spawns), so worker 1 (site-2 and site-4) never joins again. Before, it was started again
+    # and again, for ever, and its sites' tasks waited.
+    job = turns_job(tmp_path, rounds=2, trainer_args='crash = ["site-2"]')
+    code = (job / "turns.py").read_text()
+    guard = "import multiprocessing\nif multiprocessing.parent_process():\n    raise ImportError('not in a worker')\n"
+    (job / "turns.py").write_text(guard + code)
+    done = run_cli("simulate", str(job), "-w", str(tmp_path / "ws"), "-n", "4", "-t", "2", "-q", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, second = read_result(tmp_path / "ws")["rounds"]
+    reason = "worker 1 could not start, 3 times in a row (exit code 1; its error is on the terminal and in log.txt)"
+    sites = ("site-2", "site-4")
+    given_up = [{"site": site, "phase": phase, "reason": reason} for phase in ("train", "validate") for site in sites]
+    killed = given_up[0] | {"reason": "its worker process exited unexpectedly (exit code -9)"}
+    assert first["failed"] == [killed, *given_up[1:]]
+    assert second["failed"] == given_up and second["clients"] == ["site-1", "site-3"]
+    assert done.stderr.count("cannot import module 'turns' for 'turns.Square': not in a worker") == 3, done.stderr
+
+
+def test_a_worker_hosting_more_sites_than_it_may_open_files_logs_for_each(tmp_path: Path) -> None:
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    job = turns_job(tmp_path)
+    code = (job / "turns.py").read_text()
+    printing = "def train(self, task):\n        print('trains')\n"
+    (job / "turns.py").write_text(code.replace("def train(self, task):\n", printing))
+    done = subprocess.run(
+        [sys.executable, "-m", "fedstream", "simulate", str(job), "-w", str(tmp_path / "ws"), "-n", "600", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=few_files,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (round_,) = read_result(tmp_path / "ws")["rounds"]
+    assert len(round_["clients"]) == 600
+    for site in ("site-1", "site-300", "site-600"):
+        assert f"{site}[" in (tmp_path / "ws" / site / "log.txt").read_text(), site  # its print, as a record
 
 
 def test_a_thousand_sites_take_turns_with_default_settings(tmp_path: Path, tiny_cifar: Path) -> None:

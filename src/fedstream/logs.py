@@ -11,11 +11,14 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from fedstream.site.context import current_site_or_none
 
+OPEN_FILES = 32
+"""Per-site log files a worker keeps open at once."""
 FORMAT = "%(asctime)s %(site)s[%(process)d] %(levelname)s %(name)s: %(message)s"
 LOG_FILE = "log.txt"
 
@@ -36,16 +39,31 @@ def _tag_records(default_site: str) -> None:
 
 
 class _PerSite(logging.Handler):
-    """Writes each record to the log file of the site it belongs to."""
+    """Writes each record to the log file of the site it belongs to.
 
-    def __init__(self, files: dict[str, logging.Handler]) -> None:
+    A worker may host thousands of sites, more than a process may hold files open (often 1,024), so only the
+    :data:`OPEN_FILES` most recently written are kept open; a site's file is opened again when it logs again.
+    """
+
+    def __init__(self, paths: dict[str, Path]) -> None:
         super().__init__()
-        self.files = files
+        self.paths = paths
+        self.files: OrderedDict[str, logging.Handler] = OrderedDict()
+        for path in paths.values():  # every hosted site has its log file from the start
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
 
     def emit(self, record: logging.LogRecord) -> None:
-        handler = self.files.get(getattr(record, "site", ""))
-        if handler is not None:
-            handler.handle(record)
+        site = getattr(record, "site", "")
+        handler = self.files.get(site)
+        if handler is None:
+            if site not in self.paths:
+                return
+            handler = self.files[site] = _file(self.paths[site])
+            if len(self.files) > OPEN_FILES:
+                self.files.popitem(last=False)[1].close()
+        self.files.move_to_end(site)
+        handler.handle(record)
 
     def close(self) -> None:
         for handler in self.files.values():
@@ -110,7 +128,7 @@ def setup_worker(workspace: Path, sites: list[str], *, verbose: bool) -> None:
     """Worker process: the combined log, one file per hosted site, stdout/stderr captured as records."""
     root = _reset("worker")
     root.addHandler(_file(workspace / LOG_FILE))
-    root.addHandler(_PerSite({site: _file(workspace / site / LOG_FILE) for site in sites}))
+    root.addHandler(_PerSite({site: workspace / site / LOG_FILE for site in sites}))
     if verbose:
         console = logging.StreamHandler(sys.__stderr__)
         console.setFormatter(logging.Formatter("%(site)s %(levelname)s %(name)s: %(message)s"))

@@ -8,7 +8,9 @@ speak only for the sites it hosts: anything else it sends is refused.
 A worker that dies fails the task it was running (naming its exit code), its sites leave, and it is started
 again: its sites join again and the tasks queued behind it still run. A worker whose running task is given
 up (timed out, left out) is stopped and started again the same way. Restarts use ``spawn``: forking a
-process that runs threads can inherit locks held by them.
+process that runs threads can inherit locks held by them. A worker that exits before joining
+:data:`MAX_FAILED_STARTS` times in a row (its job's code cannot be imported in a fresh process, say) is not
+started again: its sites' tasks fail at once, naming why, and the workflow's rules decide.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from fedstream.simulator import worker
 from fedstream.wire import decode, encode
 
 log = logging.getLogger(__name__)
+
+MAX_FAILED_STARTS = 3
+"""A worker that exits before joining this many times in a row is not started again: its sites' tasks fail."""
 
 
 def start_method() -> str:
@@ -92,6 +97,8 @@ class SimulatorLink:
         self._workers = [self._spawn(spec, start_method()) for spec in specs]
         self._placement = {site: w for w, spec in enumerate(specs) for site in spec.sites}
         self._readers: list[threading.Thread] = []
+        self._failed_starts = [0] * len(specs)  # incarnations in a row that exited before joining
+        self._broken: dict[int, str] = {}  # workers no longer started, and why
 
     # -- ServerLink ---------------------------------------------------------------------------------------------
     def start(self, endpoint: ServerEndpoint) -> None:
@@ -101,7 +108,11 @@ class SimulatorLink:
 
     def send(self, task: Task) -> None:
         with self._lock:
-            handle = self._workers[self._placement[task.site]]
+            index = self._placement[task.site]
+            if index in self._broken:
+                self._fail(task, self._broken[index])
+                return
+            handle = self._workers[index]
             handle.queue.append(task)
             self._next(handle)
 
@@ -174,6 +185,11 @@ class SimulatorLink:
         self._workers[handle.index] = fresh
         self._read_from(fresh)
 
+    def _fail(self, task: Task, reason: str) -> None:
+        assert self._endpoint is not None
+        failure = Failure(task.site, task.kind, reason)
+        self._endpoint.result_received(task.site, Result(task.id, task.site, failure=failure))
+
     def _left(self, handle: _Worker, reason: str) -> None:
         assert self._endpoint is not None
         log.warning("worker %d stopped (%s); its sites %s leave", handle.index, reason, ", ".join(sorted(handle.sites)))
@@ -242,6 +258,7 @@ class SimulatorLink:
                 self._endpoint.site_joined(site)
         with self._lock:
             handle.ready = True
+            self._failed_starts[handle.index] = 0
             self._next(handle)
 
     def _answered(self, handle: _Worker, result: Result) -> None:
@@ -266,12 +283,18 @@ class SimulatorLink:
             running, handle.running = handle.running, None
             reason = f"its worker process exited unexpectedly (exit code {handle.process.exitcode})"
             if running is not None:
-                failure = Failure(running.site, running.kind, reason)
-                self._endpoint.result_received(running.site, Result(running.id, running.site, failure=failure))
-            if self._closing:
+                self._fail(running, reason)
+            if not handle.ready:
+                self._failed_starts[handle.index] += 1
+                if self._failed_starts[handle.index] == MAX_FAILED_STARTS:
+                    self._broken[handle.index] = (
+                        f"worker {handle.index} could not start, {MAX_FAILED_STARTS} times in a row (exit code "
+                        f"{handle.process.exitcode}; its error is on the terminal and in log.txt)"
+                    )
+                    log.error("%s; its sites %s stay out", self._broken[handle.index], ", ".join(sorted(handle.sites)))
+            if self._closing or handle.index in self._broken:
                 for task in handle.queue:
-                    failure = Failure(task.site, task.kind, reason)
-                    self._endpoint.result_received(task.site, Result(task.id, task.site, failure=failure))
+                    self._fail(task, self._broken.get(handle.index, reason))
                 handle.queue.clear()
                 return
             self._restart(handle, f"worker exited with code {handle.process.exitcode}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -97,13 +98,20 @@ def main(spec_json: str, conn: Connection) -> None:
     """Entry point of a worker process."""
     detach_from_terminal_signals()
     spec = WorkerSpec.from_json(spec_json)
-    import torch
+    try:
+        import torch
 
-    from fedstream.pt.executor import job_sites
+        from fedstream.pt.executor import job_sites
 
-    torch.set_num_threads(spec.torch_threads)
-    logs.setup_worker(Path(spec.workspace), list(spec.sites), verbose=spec.verbose)
-    job = load_job_data(Path(spec.job_dir), spec.config, [], source=spec.job_source)
+        torch.set_num_threads(spec.torch_threads)
+        logs.setup_worker(Path(spec.workspace), list(spec.sites), verbose=spec.verbose)
+        job = load_job_data(Path(spec.job_dir), spec.config, [], source=spec.job_source)
+    except Exception as exc:  # the link sees the exit before a join, and starts the worker again a few times
+        if logging.getLogger().handlers:
+            log.exception("worker %d cannot start", spec.index)
+        said = f"fedstream: worker {spec.index} cannot start: {type(exc).__name__}: {exc}"
+        print(said, file=sys.__stderr__, flush=True)
+        os._exit(1)
     link = PipeSiteLink(conn)
     log.info("worker %d (pid %d) hosts %s", spec.index, os.getpid(), ", ".join(spec.sites))
     make_site = job_sites(job, spec.job_id, spec.sites, spec.num_sites, Path(spec.workspace), link.send_events)
