@@ -19,6 +19,7 @@ class TcpProxy:
         self.connections = 0
         self.cuts = 0
         self.connect_targets: list[str] = []
+        self.answer = b"HTTP/1.1 200 Connection established"  # to a CONNECT request
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
@@ -53,7 +54,10 @@ class TcpProxy:
             target = request.split(b" ")[1].decode()
             with self._lock:
                 self.connect_targets.append(target)
-            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            client.sendall(self.answer + b"\r\n\r\n")
+            if b" 200 " not in self.answer:
+                client.close()
+                return
         host, _, port = target.rpartition(":")
         try:
             server = socket.create_connection((host, int(port)))

@@ -204,6 +204,24 @@ def test_connection_errors_say_what_to_do(deployment: Any) -> None:
             Admin(kit, address).jobs()
 
 
+def test_connection_errors_through_a_proxy_name_the_proxy(deployment: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    workspace, _ = deployment
+    kit = load_kit(workspace / "kits" / "admin", "admin")
+    forbidding = TcpProxy()
+    forbidding.answer = b"HTTP/1.1 403 Forbidden"
+    for proxy, words in [
+        (f"http://127.0.0.1:{free_port()}", r"proxy http://127.0.0.1:\d+ \(from https_proxy\) refused the connection"),
+        ("http://nohost.invalid:3128", "cannot resolve the host name of the proxy http://nohost.invalid:3128"),
+        (f"http://{forbidding.address}", f"would not connect to {kit.config.server} \\(HTTP 403\\)"),
+    ]:
+        monkeypatch.setenv("https_proxy", proxy)
+        with pytest.raises(TransportError, match=words):
+            Admin(kit).jobs()
+    forbidding.close()
+    monkeypatch.setenv("no_proxy", "example.org,localhost")
+    assert Admin(kit).jobs() == [], "the server, reached without the proxy"
+
+
 def test_a_second_server_client_or_poc_on_a_folder_in_use_stops_at_once(deployment: Any) -> None:
     workspace, admin = deployment
     kits = workspace / "kits"

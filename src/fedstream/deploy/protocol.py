@@ -10,6 +10,7 @@ callers and their states are described in ``docs/deployment-protocol.md``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -122,11 +123,45 @@ def channel(kit: Kit, address: str | None = None) -> grpc.Channel:
     return grpc.secure_channel(address or kit.config.server, credentials, options=OPTIONS)
 
 
+def proxy_for(address: str) -> tuple[str, str] | None:
+    """The HTTP proxy gRPC goes through to reach ``address``, and the environment variable that names it, as
+    gRPC reads them (``grpc_proxy``, ``https_proxy``, ``http_proxy``; ``no_grpc_proxy`` or ``no_proxy`` list
+    host names, or domain suffixes, reached directly); ``None`` without one."""
+    named = next(
+        ((var, os.environ[var]) for var in ("grpc_proxy", "https_proxy", "http_proxy") if os.environ.get(var)), None
+    )
+    if named is None:
+        return None
+    host = address.rpartition(":")[0].strip("[]").lower()
+    excluded = os.environ.get("no_grpc_proxy") or os.environ.get("no_proxy") or ""  # noqa: SIM112 (gRPC reads these)
+    for entry in (part.strip().lower().lstrip(".") for part in excluded.split(",")):
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    var, value = named
+    return value, var
+
+
 def explain(error: grpc.RpcError, address: str) -> str:
     """A connection error in words a user can act on."""
     code = error.code() if isinstance(error, grpc.Call) else None
     details = (error.details() if isinstance(error, grpc.Call) else str(error)) or ""
     text = details.lower()
+    via = proxy_for(address)
+    if code is grpc.StatusCode.UNAVAILABLE and via is not None:
+        proxy, var = via
+        check = f"check {var}, or add the server's host to no_proxy to connect without it"
+        if "proxy returned response code" in text:
+            status = text.rpartition("response code")[2].strip()
+            return (
+                f"the proxy {proxy} (from {var}) would not connect to {address} (HTTP {status}): it must allow "
+                f"CONNECT to that host and port; or {check}"
+            )
+        if "resolving" in text or "lookup" in text or "dns" in text:
+            return f"cannot resolve the host name of the proxy {proxy} (from {var}): {check}"
+        if "refused" in text:
+            return f"the proxy {proxy} (from {var}) refused the connection: is it running there? {check}"
+        if "timeout" in text or "deadline" in text:
+            return f"the proxy {proxy} (from {var}) does not answer: {check}"
     if code is grpc.StatusCode.UNAVAILABLE:
         if "resolving" in text or "lookup" in text or "dns" in text:
             return f"cannot resolve the server's host name in {address}: check kit.toml's server and your DNS"
