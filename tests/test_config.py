@@ -172,6 +172,18 @@ def test_bad_config_names_file_and_key(tmp_path: Path, change: dict, key: str, w
     assert str(error).startswith(f"{job / 'job.toml'}: {key}: ")
 
 
+def test_numbers_that_are_not_finite_are_refused_wherever_they_are(tmp_path: Path) -> None:
+    job = job_with(tmp_path, ("lr = 0.01", "lr = inf"))
+    error = error_of(job)
+    assert (error.file, error.key) == (str(job / "job.toml"), "client.trainer.args.lr")
+    assert "inf is not a finite number" in error.message
+    error = error_of(job_with(tmp_path), ("server.workflow.args.task_timeout_s=nan",))
+    assert error.file == f"{tmp_path / 'job' / 'job.toml'} (--set)"
+    assert error.key == "server.workflow.args.task_timeout_s"
+    error = error_of(job_with(tmp_path), ("client.trainer.args.anything=[1.0, -inf]",))
+    assert error.key == "client.trainer.args.anything[1]" and "-inf is not a finite number" in error.message
+
+
 def test_min_clients_above_the_number_of_sites(tmp_path: Path) -> None:
     error = error_of(job_with(tmp_path), sites=1)
     assert (error.key, error.file) == ("server.workflow.args.min_clients", str(tmp_path / "job" / "job.toml"))

@@ -6,7 +6,9 @@ The result is a :class:`Job` whose config holds every value, defaults included, 
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -146,6 +148,18 @@ KINDS = {
 }
 
 
+def _leaves(node: Any, key: str) -> Iterator[tuple[str, Any]]:
+    """Every value of a parsed config that is not a table or a list, with its dotted key (``a.b[2]`` in lists)."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _leaves(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _leaves(value, f"{key}[{index}]")
+    else:
+        yield key, node
+
+
 def _component_keys(config: JobConfig) -> dict[str, str]:
     """Each component's dotted key and the import path of the base class it must derive from."""
     keys = {key: KINDS[key] for key in ("model", "server.workflow")}
@@ -188,6 +202,9 @@ def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, s
     def where(error: ConfigError) -> ConfigError:
         return _located(error, source, overridden)
 
+    for key, value in _leaves(data, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise where(ConfigError(f"{value} is not a finite number, which no setting takes", key=key))
     try:
         config = JobConfig.model_validate(data)
     except ValidationError as exc:
