@@ -204,6 +204,19 @@ def test_connection_errors_say_what_to_do(deployment: Any) -> None:
             Admin(kit, address).jobs()
 
 
+def test_a_server_that_cannot_listen_says_why(deployment: Any, tmp_path: Path) -> None:
+    workspace, _ = deployment
+    kit = str(workspace / "kits" / "server")
+    in_use = load_kit(kit, "server").config.port  # the running server's
+    for listen, words in [
+        (f"127.0.0.1:{in_use}", f"port {in_use} is in use by another process"),
+        ("192.0.2.1:9443", "192.0.2.1 is not an address of this machine"),  # TEST-NET-1: nobody's
+        ("9443", "expected HOST:PORT"),
+    ]:
+        done = run_cli("server", "start", kit, "-w", str(tmp_path / "ws"), "--listen", listen, timeout=60)
+        assert done.returncode == 1 and f"error: cannot listen on {listen}: {words}" in done.stderr, done.stderr
+
+
 def test_connection_errors_through_a_proxy_name_the_proxy(deployment: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     workspace, _ = deployment
     kit = load_kit(workspace / "kits" / "admin", "admin")

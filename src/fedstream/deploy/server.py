@@ -12,9 +12,11 @@ starts again: after the last completed round, with the same MLflow runs; queued 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -200,9 +202,7 @@ class FederationServer:
         try:
             self.port = self._grpc.add_secure_port(self.listen, protocol.server_credentials(kit))
         except RuntimeError:
-            raise TransportError(
-                f"cannot listen on {self.listen}: is the port in use, or the address not this machine's?"
-            ) from None
+            raise TransportError(f"cannot listen on {self.listen}: {why_not_listen(self.listen)}") from None
 
     # -- running ------------------------------------------------------------------------------------------------
     def serve(self) -> int:
@@ -588,3 +588,27 @@ def _internal_error(context: grpc.ServicerContext, caller: str, exc: Exception) 
         grpc.StatusCode.INTERNAL,
         f"the server failed ({type(exc).__name__}: {str(exc)[:200]}); its log has more",
     )
+
+
+def why_not_listen(listen: str) -> str:
+    """Why a server cannot listen on ``listen`` (``host:port``), found by binding a plain socket there."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        return "expected HOST:PORT (--listen 0.0.0.0:8443, say)"
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, OverflowError) as exc:
+        return f"{host} is not an address of this machine ({exc})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} is in use by another process (another fedstream server?)"
+                if exc.errno == errno.EACCES:
+                    return f"port {port} needs privileges this user lacks (ports below 1024); choose a higher one"
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"{host} is not an address of this machine"
+                return exc.strerror or str(exc)
+    return "gRPC refused it (see the lines above)"
