@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from tests.helpers import REPO, hello_job, read_result, run_cli, write_job
 SCRIPT = """
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -51,6 +53,8 @@ while fl.running():
         fl.send({"w": w.numpy().astype("U4")}, num_samples=1)
     if bad and behaviour == "receive-twice":
         fl.receive()
+    if bad and behaviour == "orphan":  # a helper left running, which keeps the script's output open too
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(fl.site().workspace)])
     thread = threading.Thread(target=mlflow.log_metric, args=("from_thread", value), kwargs={"step": task.round})
     thread.start()
     thread.join()
@@ -162,6 +166,17 @@ def test_a_killed_script_process_fails_its_task_and_the_site_goes_on(tmp_path: P
     assert "train.py was killed by signal 9 without answering the train task of round 2" in killed["reason"]
     assert "killing myself" in killed["reason"]
     assert result["membership"] == [], "the site's own process lives on"
+
+
+def test_what_a_script_process_leaves_running_ends_with_it(tmp_path: Path) -> None:
+    result = simulate(script_job(tmp_path, "process", misbehaving="site-2", behaviour="orphan"), tmp_path / "ws")
+    assert result["status"] == "completed" and failures(result) == {}, result
+    left = [
+        process.info["cmdline"]
+        for process in psutil.process_iter(["cmdline"])
+        if str(tmp_path) in " ".join(process.info["cmdline"] or [])
+    ]
+    assert left == []
 
 
 def test_weights_that_cannot_travel_are_refused_at_the_call(tmp_path: Path) -> None:

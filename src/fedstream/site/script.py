@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -322,6 +323,7 @@ class _ProcessRunner(_Runner):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group of its own: what it starts ends with it (_stop_group)
         )
         theirs.close()
         self._output = threading.Thread(target=self._read_output, name=f"script-output-{site.name}", daemon=True)
@@ -343,8 +345,15 @@ class _ProcessRunner(_Runner):
             )
             self._process.kill()
             self._process.wait()
+        self._stop_group()
         self._output.join(5)
         self._conn.close()
+
+    def _stop_group(self) -> None:
+        """Kill what the script started and left running (its process group: the session it leads), once the
+        script's own process has ended; those processes would outlive the job, and hold its output open."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # none left
+            os.killpg(self._process.pid, signal.SIGKILL)
 
     def _read_output(self) -> None:
         assert self._process.stdout is not None
@@ -372,6 +381,7 @@ class _ProcessRunner(_Runner):
             self._site.log.error("%s sent an unreadable message: %s", self._executor.name, exc)
             self._process.kill()
         code = self._process.wait()
+        self._stop_group()
         self._output.join(5)
         how = "ended" if code == 0 else f"exited with code {code}" if code > 0 else f"was killed by signal {-code}"
         self._executor.ended(how)
