@@ -148,9 +148,11 @@ def test_no_process_outlives_poc(tmp_path: Path, tiny_cifar: Path) -> None:
     # processes for their next job. One a client started as it was stopped ends at once, not after the
     # seconds it takes to load PyTorch.
     data = ["--set", f"client.trainer.args.data.root={tiny_cifar}"]
-    done = run_cli("poc", str(REPO / "jobs" / "hello-pt"), "-w", str(tmp_path / "poc"), "-n", "2", *data, *TINY)
+    done = run_cli("poc", str(REPO / "jobs" / "hello-pt"), "-w", str(tmp_path / "poc"), "-n", "2", "-q", *data, *TINY)
     assert done.returncode == 0, done.stdout + done.stderr
     wait_for(lambda: not _processes_of(tmp_path / "poc"), "poc's processes to end", timeout_s=1)
+    (line,) = done.stdout.splitlines()  # -q, as simulate's: the outcome alone
+    assert line.startswith("completed: round 2 accuracy=") and line.endswith("result.json"), line
 
 
 def test_a_site_certificate_cannot_manage_jobs(deployment: Any) -> None:

@@ -90,6 +90,7 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     poc.add_argument("-n", "--sites", dest="num_sites", type=int, default=2, help="number of sites (default 2)")
     poc.add_argument("--threads", type=int, default=0, help="PyTorch threads per site (default: cores / sites)")
     poc.add_argument("--set", **overrides)
+    poc.add_argument("-q", "--quiet", action="store_true", help="print only the outcome, in one line")
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
@@ -138,10 +139,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if command == "poc":
         from fedstream.deploy.poc import run_poc
 
-        status = run_poc(
-            args.job, args.workspace, args.num_sites, args.overrides, _shower(console), threads=args.threads
-        )
-        return _ended(console, status)
+        show = (lambda status: None) if args.quiet else _shower(console)
+        status = run_poc(args.job, args.workspace, args.num_sites, args.overrides, show, threads=args.threads)
+        return _ended(console, status, quiet=args.quiet)
 
     from fedstream.deploy.admin import Admin
 
@@ -214,11 +214,11 @@ def _shower(console: Console) -> Any:
     return show
 
 
-def _ended(console: Console, status: dict[str, Any]) -> int:
-    from fedstream.cli.progress import print_summary
+def _ended(console: Console, status: dict[str, Any], *, quiet: bool = False) -> int:
+    from fedstream.cli.progress import print_outcome, print_summary
 
     if status["result"] is not None:
-        print_summary(console, status["result"])
+        (print_outcome if quiet else print_summary)(console, status["result"])
     elif status.get("error"):
         console.print(f"job {status['id']} {status['state']}: {status['error']}", style="red", markup=False)
     return int(status["exit_code"]) if status["exit_code"] is not None else 1
