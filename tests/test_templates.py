@@ -38,6 +38,8 @@ def test_new_never_overwrites_and_names_the_templates(tmp_path: Path) -> None:
     done = run_cli("new", str(tmp_path / "other"), "--template", "nope")
     assert done.returncode == 2 and "the templates are cifar10-hetero, hello-pt, " in done.stderr
     assert not (tmp_path / "other").exists()
+    done = run_cli("new", str(tmp_path / "taken" / "notes.txt" / "job"))  # under a file: cannot be made
+    assert done.returncode == 2 and "job: cannot write the job folder here: Not a directory" in done.stderr
 
 
 def test_the_wheel_ships_the_templates(tmp_path: Path) -> None:

@@ -28,8 +28,11 @@ def new_job(folder: str | Path, template: str) -> Path:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError("already exists and is not an empty folder; choose a new one", file=str(target))
     source = TEMPLATES / template
-    target.mkdir(parents=True, exist_ok=True)
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.suffix in (".toml", ".py"):
-            shutil.copyfile(path, target / path.name)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.suffix in (".toml", ".py"):
+                shutil.copyfile(path, target / path.name)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the job folder here: {exc.strerror or exc}", file=str(target)) from None
     return target
