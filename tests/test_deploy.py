@@ -133,6 +133,16 @@ def test_poc_refuses_more_sites_than_fit_in_memory_before_starting_anything(tmp_
     assert not (tmp_path / "ws").exists()
 
 
+def test_poc_checks_the_job_folder_and_overrides_before_starting_anything(tmp_path: Path) -> None:
+    for job, sets, words in [
+        (tmp_path / "missing", [], "missing: no such job folder"),
+        (REPO / "jobs" / "hello-pt", ["--set", "server.workflw.path=x"], "server.workflw: unknown key"),
+    ]:
+        done = run_cli("poc", str(job), "-w", str(tmp_path / "ws"), *sets)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert not (tmp_path / "ws").exists(), "no kits, no processes"
+
+
 def _processes_of(workspace: Path) -> list[str]:
     """The command lines of the running processes that name ``workspace``."""
     found = []

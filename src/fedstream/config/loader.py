@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -181,6 +181,18 @@ def load_job(job_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     The job folder goes first on ``sys.path`` so the job imports its own modules without PYTHONPATH.
     """
+    folder, data, source = _read(job_dir)
+    return load_job_data(folder, data, list(overrides), source=source)
+
+
+def check_job_config(job_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Check what can be checked without importing the job's code (its ``job.toml``, the overrides, the keys
+    and their types), at once, before a command starts anything; :func:`load_job` checks the rest."""
+    _, data, source = _read(job_dir)
+    _validate(data, list(overrides), source)
+
+
+def _read(job_dir: str | Path) -> tuple[Path, dict[str, Any], str]:
     folder = Path(job_dir).resolve()
     file = folder / JOB_FILE
     if not folder.is_dir():
@@ -192,11 +204,13 @@ def load_job(job_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(file)) from exc
     data.setdefault("name", folder.name)
-    return load_job_data(folder, data, list(overrides), source=str(file))
+    return folder, data, str(file)
 
 
-def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, source: str) -> Job:
-    """Validate already-parsed job data (a ``job.toml`` or a resolved config) for the job in ``folder``."""
+def _validate(
+    data: dict[str, Any], overrides: list[str], source: str
+) -> tuple[JobConfig, Callable[[ConfigError], ConfigError], frozenset[str]]:
+    """The overrides applied to ``data`` and the result validated; also how to locate a later error."""
     overridden = frozenset(apply_overrides(data, overrides))
 
     def where(error: ConfigError) -> ConfigError:
@@ -206,9 +220,14 @@ def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, s
         if isinstance(value, float) and not math.isfinite(value):
             raise where(ConfigError(f"{value} is not a finite number, which no setting takes", key=key))
     try:
-        config = JobConfig.model_validate(data)
+        return JobConfig.model_validate(data), where, overridden
     except ValidationError as exc:
         raise where(from_validation_error(exc)) from None
+
+
+def load_job_data(folder: Path, data: dict[str, Any], overrides: list[str], *, source: str) -> Job:
+    """Validate already-parsed job data (a ``job.toml`` or a resolved config) for the job in ``folder``."""
+    config, where, overridden = _validate(data, overrides, source)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     components = {}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedstream.children import sigterm_as_interrupt
+from fedstream.config.loader import check_job_config
 from fedstream.deploy.admin import Admin
 from fedstream.deploy.kit import load_kit
 from fedstream.deploy.provision import Project, ServerSpec, provision
@@ -184,6 +185,7 @@ def run_poc(
     threads: int = 0,
 ) -> dict[str, Any]:
     """Run ``job_dir`` on a local deployment of ``num_sites`` sites; returns the job's final status."""
+    check_job_config(job_dir, overrides)  # at once: before the kits, the processes and their seconds
     sites = [f"site-{i}" for i in range(1, num_sites + 1)]
     with federation(Path(workspace), num_sites, threads=threads) as local:
         job_id = local.admin.submit(job_dir, overrides, sites)
