@@ -232,6 +232,8 @@ def test_a_server_that_cannot_listen_says_why(deployment: Any, tmp_path: Path) -
 def test_connection_errors_through_a_proxy_name_the_proxy(deployment: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     workspace, _ = deployment
     kit = load_kit(workspace / "kits" / "admin", "admin")
+    for variable in ("https_proxy", "no_proxy"):  # the channel sets them from the upper-case ones: undone after
+        monkeypatch.delenv(variable, raising=False)
     forbidding = TcpProxy()
     forbidding.answer = b"HTTP/1.1 403 Forbidden"
     for proxy, words in [
@@ -243,7 +245,11 @@ def test_connection_errors_through_a_proxy_name_the_proxy(deployment: Any, monke
         with pytest.raises(TransportError, match=words):
             Admin(kit).jobs()
     forbidding.close()
-    monkeypatch.setenv("no_proxy", "example.org,localhost")
+    monkeypatch.delenv("https_proxy")  # the upper-case names, which gRPC alone would not read, count too
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TransportError, match=r"\(from HTTPS_PROXY\) refused the connection"):
+        Admin(kit).jobs()
+    monkeypatch.setenv("NO_PROXY", "example.org,localhost")
     assert Admin(kit).jobs() == [], "the server, reached without the proxy"
 
 

@@ -116,7 +116,11 @@ def server_credentials(kit: Kit) -> grpc.ServerCredentials:
 
 
 def channel(kit: Kit, address: str | None = None) -> grpc.Channel:
-    """A mutual-TLS channel to the server named in ``kit`` (or to ``address``)."""
+    """A mutual-TLS channel to the server named in ``kit`` (or to ``address``), through the proxy the
+    environment names (:func:`proxy_for`)."""
+    for lower in ("https_proxy", "http_proxy", "no_proxy"):  # gRPC reads only these; curl and pip both cases
+        if not os.environ.get(lower) and os.environ.get(lower.upper()):
+            os.environ[lower] = os.environ[lower.upper()]
     credentials = grpc.ssl_channel_credentials(
         root_certificates=kit.ca, private_key=kit.key, certificate_chain=kit.cert
     )
@@ -126,7 +130,8 @@ def channel(kit: Kit, address: str | None = None) -> grpc.Channel:
 def proxy_for(address: str) -> tuple[str, str] | None:
     """The HTTP proxy gRPC goes through to reach ``address``, and the environment variable that names it, as
     gRPC reads them (``grpc_proxy``, ``https_proxy``, ``http_proxy``; ``no_grpc_proxy`` or ``no_proxy`` list
-    host names, or domain suffixes, reached directly); ``None`` without one."""
+    host names, or domain suffixes, reached directly; :func:`channel` takes ``HTTPS_PROXY``, ``HTTP_PROXY``
+    and ``NO_PROXY`` where the lower-case ones are unset); ``None`` without one."""
     named = next(
         ((var, os.environ[var]) for var in ("grpc_proxy", "https_proxy", "http_proxy") if os.environ.get(var)), None
     )
@@ -138,7 +143,7 @@ def proxy_for(address: str) -> tuple[str, str] | None:
         if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
             return None
     var, value = named
-    return value, var
+    return value, var.upper() if os.environ.get(var.upper()) == value else var  # as the user wrote it
 
 
 def explain(error: grpc.RpcError, address: str) -> str:
