@@ -133,6 +133,19 @@ def test_poc_refuses_more_sites_than_fit_in_memory_before_starting_anything(tmp_
     assert not (tmp_path / "ws").exists()
 
 
+def test_bad_numbers_on_the_command_line_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    kits = tmp_path / "kits"
+    for args, words in [
+        (["server", "start", str(kits / "server"), "--absent-after", "-1"], "--absent-after: expected a positive"),
+        (["server", "start", str(kits / "server"), "--absent-after", "nan"], "--absent-after: expected a positive"),
+        (["client", "start", str(kits / "site-1"), "--threads", "-1"], "--threads: expected a number of threads"),
+        (["poc", str(REPO / "jobs" / "hello-pt"), "--threads", "-2"], "--threads: expected a number of threads"),
+    ]:
+        done = run_cli(*args, "-w", str(tmp_path / "ws"))
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+    assert not (tmp_path / "ws").exists()
+
+
 def test_poc_checks_the_job_folder_and_overrides_before_starting_anything(tmp_path: Path) -> None:
     for job, sets, words in [
         (tmp_path / "missing", [], "missing: no such job folder"),

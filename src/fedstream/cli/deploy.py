@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -53,7 +54,7 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     start.add_argument("-w", "--workspace", required=True, help="folder for the jobs' outputs")
     start.add_argument("--listen", default="", help="address to listen on (default 0.0.0.0:<the kit's port>)")
     start.add_argument(
-        "--absent-after", type=float, default=30.0, help="seconds of silence after which a site is absent"
+        "--absent-after", type=_seconds, default=30.0, help="seconds of silence after which a site is absent"
     )
 
     client = commands.add_parser("client", help="run a site's client")
@@ -61,7 +62,7 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     cstart = client_commands.add_parser("start", help="connect to the server and run the site's part of jobs")
     cstart.add_argument("kit", help="the site's startup kit")
     cstart.add_argument("-w", "--workspace", required=True, help="folder for the jobs' code and logs")
-    cstart.add_argument("--threads", type=int, default=0, help="PyTorch threads for training (default: all cores)")
+    cstart.add_argument("--threads", type=_threads, default=0, help="PyTorch threads for training (default: all cores)")
 
     submit = commands.add_parser("submit", help="submit a job to the server (admins)")
     submit.add_argument("job", help="job folder (holds job.toml)")
@@ -88,9 +89,29 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     poc.add_argument("job", help="job folder (holds job.toml)")
     poc.add_argument("-w", "--workspace", required=True, help="folder for kits, the server's and sites' outputs")
     poc.add_argument("-n", "--sites", dest="num_sites", type=int, default=2, help="number of sites (default 2)")
-    poc.add_argument("--threads", type=int, default=0, help="PyTorch threads per site (default: cores / sites)")
+    poc.add_argument("--threads", type=_threads, default=0, help="PyTorch threads per site (default: cores / sites)")
     poc.add_argument("--set", **overrides)
     poc.add_argument("-q", "--quiet", action="store_true", help="print only the outcome, in one line")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of threads (0: the default), got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace, console: Console) -> int:

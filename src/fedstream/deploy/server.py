@@ -215,7 +215,8 @@ class FederationServer:
         logs.setup_server(self.root, self._console)
         self._restore()
         self._grpc.start()
-        log.info("fedstream %s server %s listening on %s", __version__, self.kit.name, self.listen)
+        address = f"{self.listen.rpartition(':')[0]}:{self.port}"  # the port gRPC chose, if --listen said 0
+        log.info("fedstream %s server %s listening on %s", __version__, self.kit.name, address)
         try:
             with sigterm_as_interrupt():
                 with self._load_lock:  # every job needs torch: imported once, while sites connect, before a job loads
