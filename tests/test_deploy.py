@@ -251,7 +251,7 @@ def test_connection_errors_through_a_proxy_name_the_proxy(deployment: Any, monke
     forbidding.answer = b"HTTP/1.1 403 Forbidden"
     for proxy, words in [
         (f"http://127.0.0.1:{free_port()}", r"proxy http://127.0.0.1:\d+ \(from https_proxy\) refused the connection"),
-        ("http://nohost.invalid:3128", "cannot resolve the host name of the proxy http://nohost.invalid:3128"),
+        ("nohost.invalid:3128", "cannot resolve the host name of the proxy http://nohost.invalid:3128"),  # no scheme
         (f"http://{forbidding.address}", f"would not connect to {kit.config.server} \\(HTTP 403\\)"),
     ]:
         monkeypatch.setenv("https_proxy", proxy)

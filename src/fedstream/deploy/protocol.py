@@ -118,13 +118,23 @@ def server_credentials(kit: Kit) -> grpc.ServerCredentials:
 def channel(kit: Kit, address: str | None = None) -> grpc.Channel:
     """A mutual-TLS channel to the server named in ``kit`` (or to ``address``), through the proxy the
     environment names (:func:`proxy_for`)."""
-    for lower in ("https_proxy", "http_proxy", "no_proxy"):  # gRPC reads only these; curl and pip both cases
-        if not os.environ.get(lower) and os.environ.get(lower.upper()):
-            os.environ[lower] = os.environ[lower.upper()]
+    _proxy_environment()
     credentials = grpc.ssl_channel_credentials(
         root_certificates=kit.ca, private_key=kit.key, certificate_chain=kit.cert
     )
     return grpc.secure_channel(address or kit.config.server, credentials, options=OPTIONS)
+
+
+def _proxy_environment() -> None:
+    """Make gRPC honour the proxy settings other tools take: gRPC reads only lower-case names (curl and pip take
+    both), and ignores a proxy written without its scheme (``proxy.example.org:3128``: ``http://`` is meant)."""
+    for lower in ("https_proxy", "http_proxy", "no_proxy"):
+        if not os.environ.get(lower) and os.environ.get(lower.upper()):
+            os.environ[lower] = os.environ[lower.upper()]
+    for name in ("grpc_proxy", "https_proxy", "http_proxy"):
+        value = os.environ.get(name, "")
+        if value and "://" not in value:
+            os.environ[name] = f"http://{value}"
 
 
 def proxy_for(address: str) -> tuple[str, str] | None:
@@ -143,7 +153,8 @@ def proxy_for(address: str) -> tuple[str, str] | None:
         if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
             return None
     var, value = named
-    return value, var.upper() if os.environ.get(var.upper()) == value else var  # as the user wrote it
+    written = os.environ.get(var.upper())  # as the user wrote it
+    return value, var.upper() if written and value in (written, f"http://{written}") else var
 
 
 def explain(error: grpc.RpcError, address: str) -> str:
