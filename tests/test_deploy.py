@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -34,7 +35,7 @@ from fedstream.deploy.site_link import GrpcSiteLink
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from fedstream.pt.executor import job_sites
 from fedstream.site.host import SiteHost
-from tests.helpers import REPO, hello_job, read_result, run_cli, turns_job, wait_for
+from tests.helpers import REPO, hello_job, read_result, run_cli, start_cli, turns_job, wait_for
 from tests.tcp_proxy import TcpProxy
 
 TINY = [
@@ -314,6 +315,25 @@ def test_submit_follow_ends_with_the_summary_and_says_where_its_paths_are(deploy
     job_id = said.split()[2]
     assert "completed in" in said and f"result {workspace}/server/jobs/{job_id}/result.json" in said, said
     assert f"fetch them with: fedstream jobs download {job_id} --kit {kit} -o DIR" in said, said
+
+
+def test_ctrl_c_while_following_leaves_the_job_running_and_says_so(deployment: Any, tmp_path: Path) -> None:
+    workspace, admin = deployment
+    kit = str(workspace / "kits" / "admin")
+    job = turns_job(tmp_path, rounds=1, trainer_args="seconds = 60.0")
+    follower = start_cli("submit", str(job), "--kit", kit, "--follow", stdout=subprocess.PIPE)
+    assert follower.stdout is not None
+    submitted = follower.stdout.readline()  # "submitted job ID"
+    job_id = submitted.split()[2]
+    wait_for(lambda: admin.status(job_id)["state"] == "running", "the job to run")
+    follower.send_signal(signal.SIGINT)
+    with follower.stdout:
+        said = " ".join(follower.stdout.read().split())
+    assert follower.wait(60) == 130
+    assert f"stopped following; job {job_id} goes on on the server" in said and "Traceback" not in said, said
+    assert admin.status(job_id)["state"] == "running"
+    admin.abort(job_id)
+    assert admin.follow(job_id, lambda status: None)["state"] == "aborted"
 
 
 def test_a_job_aborted_while_the_server_loads_it_never_runs(deployment: Any, tmp_path: Path) -> None:

@@ -180,7 +180,18 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 )
             if not args.follow:
                 return 0
-            code = _ended(console, admin.follow(job_id, _shower(console)))
+            try:
+                status = admin.follow(job_id, _shower(console))
+            except KeyboardInterrupt:
+                console.print(
+                    f"stopped following; job {job_id} goes on on the server (fedstream jobs status|abort {job_id} "
+                    f"--kit {args.kit})",
+                    soft_wrap=True,
+                    markup=False,
+                    highlight=False,
+                )
+                return 130
+            code = _ended(console, status)
             console.print(
                 f"(the paths are the server's; fetch them with: fedstream jobs download {job_id} --kit {args.kit} "
                 "-o DIR)",
