@@ -169,6 +169,12 @@ class Authority:
         )
         return Authority(key, cert)
 
+    @property
+    def federation(self) -> str:
+        """The federation whose CA this is (its certificate's common name is "<federation> CA")."""
+        names = self.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value).removesuffix(" CA") if names else ""
+
     @staticmethod
     def load(folder: Path) -> Authority:
         key = serialization.load_pem_private_key((folder / CA_KEY).read_bytes(), password=None)
@@ -307,8 +313,7 @@ def sign_request(
 def _check_same_federation(root: Path, authority: Authority, project: Project) -> None:
     """Refuse to add kits under ``root`` for a project that is not the one its CA and kits were made for: a new
     kit would point at another server, or carry another federation's name, than the kits already given out."""
-    names = authority.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    federation = str(names[0].value).removesuffix(" CA") if names else ""
+    federation = authority.federation
     if federation != project.name:
         raise ConfigError(
             f"{root} holds the CA of federation {federation!r}, and the project is {project.name!r}: kits are only "
