@@ -36,6 +36,8 @@ OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")
+"""Where gRPC looks for its HTTP proxy, in this order (the first one set wins)."""
 SERVER_OPTIONS = [
     *OPTIONS,
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -131,7 +133,7 @@ def _proxy_environment() -> None:
     for lower in ("https_proxy", "http_proxy", "no_proxy"):
         if not os.environ.get(lower) and os.environ.get(lower.upper()):
             os.environ[lower] = os.environ[lower.upper()]
-    for name in ("grpc_proxy", "https_proxy", "http_proxy"):
+    for name in PROXY_VARIABLES:
         value = os.environ.get(name, "")
         if value and "://" not in value:
             os.environ[name] = f"http://{value}"
@@ -142,9 +144,7 @@ def proxy_for(address: str) -> tuple[str, str] | None:
     gRPC reads them (``grpc_proxy``, ``https_proxy``, ``http_proxy``; ``no_grpc_proxy`` or ``no_proxy`` list
     host names, or domain suffixes, reached directly; :func:`channel` takes ``HTTPS_PROXY``, ``HTTP_PROXY``
     and ``NO_PROXY`` where the lower-case ones are unset); ``None`` without one."""
-    named = next(
-        ((var, os.environ[var]) for var in ("grpc_proxy", "https_proxy", "http_proxy") if os.environ.get(var)), None
-    )
+    named = next(((var, os.environ[var]) for var in PROXY_VARIABLES if os.environ.get(var)), None)
     if named is None:
         return None
     host = address.rpartition(":")[0].strip("[]").lower()
