@@ -17,6 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from fedstream.config.schema import ForwardConfig
+from fedstream.messages import EventBatch
+from fedstream.site.context import SiteContext
+from fedstream.site.executor import Executor
+from fedstream.site.site import Site
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -166,10 +172,10 @@ class Square(torch.nn.Module):
 
 class TurnTrainer(Trainer):
     \"\"\"Every task takes ``seconds``; in round 1, ``hang`` sites hang, ``crash`` sites kill their worker, and
-    ``kill_client`` sites log ``before_kill`` at steps 0-299, then kill their deployed client (a SIGKILL of the
-    parent, which this process does not outlive) before those events could leave (once: the task sent again
-    to the restarted site trains normally). Each task logs ``turn`` at
-    ``steps`` steps of its own.\"\"\"
+    ``kill_client`` sites log ``progress`` at steps 0-299, then kill their deployed client (a SIGKILL of the
+    parent, which this process does not outlive) before those events could leave; the task sent again to the
+    restarted site logs steps 0-399 (the value is the run: 1 or 2) and trains normally. Each task logs
+    ``turn`` at ``steps`` steps of its own.\"\"\"
 
     def __init__(
         self,
@@ -190,12 +196,14 @@ class TurnTrainer(Trainer):
             time.sleep(600)
         if task.round == 1 and self.site.name in self.crash:
             os.kill(os.getpid(), 9)
-        if task.round == 1 and self.site.name in self.kill_client and not (self.site.workspace / "killed").exists():
-            (self.site.workspace / "killed").touch()
-            for step in range(300):
-                MLflowWriter().log_metric("before_kill", float(step), step=step)
-            os.kill(os.getppid(), 9)
-            time.sleep(600)
+        if task.round == 1 and self.site.name in self.kill_client:
+            killed = self.site.workspace / "killed"
+            for step in range(400 if killed.exists() else 300):
+                MLflowWriter().log_metric("progress", 2.0 if killed.exists() else 1.0, step=step)
+            if not killed.exists():
+                killed.touch()
+                os.kill(os.getppid(), 9)
+                time.sleep(600)
         time.sleep(self.seconds)
         return TrainOutput(num_samples=1)
 
@@ -224,3 +232,13 @@ def turns_job(tmp_path: Path, *, rounds: int = 1, workflow_args: str = "", train
         """,
         {"turns.py": TURNS},
     )
+
+
+def serverless_site(context: SiteContext, executor: Executor, **options: Any) -> Site:
+    """A site whose events are acknowledged as they are sent: for tests of a site without a server."""
+
+    def acknowledge(batch: EventBatch) -> None:
+        site.outbox.acknowledge(batch.first_seq + len(batch.events) - 1)
+
+    site = Site(context, executor, acknowledge, ForwardConfig(), **options)
+    return site

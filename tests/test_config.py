@@ -154,6 +154,12 @@ CASES = [
         "0 or more",
     ),
     (
+        "reserved-event-name",
+        dict(append='[client.forward]\nevents = ["analytics", "task"]\nprefix = "fedstream."\n'),
+        "client.forward",
+        "fedstream's own task marker",
+    ),
+    (
         "bad-receiver-path",
         dict(append='[server.receivers.tb]\npath = "fedstream.nowhere.Receiver"\n'),
         "server.receivers.tb.path",

@@ -13,7 +13,7 @@ import pytest
 
 from fedstream.errors import FedstreamError
 from fedstream.events import EventBus, Forwarded
-from fedstream.messages import EventBatch, WireEvent
+from fedstream.messages import TASK_STARTED, EventBatch, WireEvent
 from fedstream.server.inbox import Inbox
 from fedstream.site import journal as journal_module
 from fedstream.site.journal import Journal
@@ -124,6 +124,40 @@ def test_a_batch_after_a_gap_is_not_handled() -> None:
     assert inbox.duplicates["a"] == 1
     assert inbox.receive("a", EventBatch("a", "s2", 1, [event(10)])) == 1, "a new session numbers from 1"
     assert seen[-1].data["n"] == 10
+
+
+def test_a_task_run_again_logs_only_the_steps_its_first_run_had_not() -> None:
+    # A site's process is killed in the middle of task T (after steps 0-2 of "loss", and the param); its next
+    # process runs T again and logs steps 0-4 and the param again. Then task U logs from step 0 anew.
+    bus = EventBus()
+    seen: list[Forwarded] = []
+    bus.subscribe("fed.analytics", seen.append)
+    inbox = Inbox(bus)
+
+    def started(task: str) -> WireEvent:
+        return WireEvent(TASK_STARTED, {"task": task})
+
+    def record(kind: str, key: str, step: int, value: Any) -> WireEvent:
+        return WireEvent("fed.analytics", {"kind": kind, "key": key, "step": step, "value": value})
+
+    first = [started("T"), record("param", "lr", 0, "0.1"), *(record("metric", "loss", n, 1) for n in range(3))]
+    second = [started("T"), record("param", "lr", 0, "0.1"), *(record("metric", "loss", n, 2) for n in range(5))]
+    second += [record("metric", "acc", 0, 2), WireEvent("fed.analytics", {"key": "no step", "value": 2})]
+    inbox.receive("a", EventBatch("a", "s", 1, first))
+    inbox.receive("a", EventBatch("a", "s", 6, second[:4]))  # the second run spans two batches
+    inbox.receive("a", EventBatch("a", "s", 10, second[4:]))
+    inbox.receive("a", EventBatch("a", "s", 15, [started("U"), record("metric", "loss", 0, 3)]))
+    kept = [(e.data["key"], e.data.get("step"), e.data["value"]) for e in seen]
+    assert kept == [
+        ("lr", 0, "0.1"),
+        *(("loss", n, 1) for n in range(3)),
+        ("loss", 3, 2),
+        ("loss", 4, 2),
+        ("acc", 0, 2),
+        ("no step", None, 2),
+        ("loss", 0, 3),
+    ]
+    assert inbox.repeats["a"] == 4 and inbox.received["a"] == 9, "the markers are neither received nor repeats"
 
 
 def test_put_waits_for_room_instead_of_losing_events() -> None:

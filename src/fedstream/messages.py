@@ -79,6 +79,12 @@ class WireEvent:
     data: dict[str, Any]
 
 
+TASK_STARTED = "fedstream.task"
+"""The event a site puts into its event stream as it starts a task (data: ``{"task": <task id>}``). The
+server's inbox takes it out of the stream; by it, the inbox tells the records of a task run again (the site's
+process restarted in the middle of it) from those its first run logged."""
+
+
 @dataclass(frozen=True)
 class EventBatch:
     """Consecutive events of one site, numbered from ``first_seq`` within the sender's ``session``.

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedstream.messages import TASK_STARTED
+
 
 class Strict(BaseModel):
     """Base of every config table: unknown keys are errors and values are not coerced between types."""
@@ -39,6 +41,12 @@ class ForwardConfig(Strict):
 
     events: list[str] = Field(default_factory=lambda: ["analytics"])
     prefix: str = "fed."
+
+    @model_validator(mode="after")
+    def _not_reserved(self) -> ForwardConfig:
+        if TASK_STARTED in (self.prefix + name for name in self.events):
+            raise ValueError(f"{TASK_STARTED!r} is the name of fedstream's own task marker: use another prefix")
+        return self
 
 
 class ServerConfig(Strict):

@@ -10,6 +10,13 @@ its first batch to this server is its oldest unacknowledged one).
 A deployed server records each batch of new events in its :class:`~fedstream.server.journal.EventJournal`
 before it fires them (so before the site hears the acknowledgement); each fired event carries its position
 there. A server restarted in the middle of the job takes each site's session and number from the journal.
+
+A site puts a :data:`~fedstream.messages.TASK_STARTED` event into its stream as it starts each task; the inbox
+takes it out. A site whose process was killed in the middle of a task runs that task again in its next
+process (the server sends it again), and its code logs the same steps again: a record (an event with a
+``key`` and a ``step``) of such a second run is dropped when the first run logged its series (event name,
+kind and key) at that step or a later one. The first run's records stand, the second adds only the steps
+the first had not reached, and nothing is logged twice. The count of dropped records is ``repeats``.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fedstream.events import EventBus, Forwarded
-from fedstream.messages import EventBatch
+from fedstream.messages import TASK_STARTED, EventBatch, WireEvent
 
 if TYPE_CHECKING:  # the journal knows the workflows' round events, which know the federation
     from fedstream.server.journal import EventJournal
@@ -39,8 +47,10 @@ class Inbox:
         for site, (session, handled) in (journal.sites if journal else {}).items():
             self._sessions[site], self._handled[site] = session, handled
         self._lock = threading.Lock()  # one batch at a time: events reach the receivers in journal order
+        self._tasks: dict[str, _TaskSteps] = defaultdict(_TaskSteps)
         self.received: dict[str, int] = defaultdict(int)
         self.duplicates: dict[str, int] = defaultdict(int)
+        self.repeats: dict[str, int] = defaultdict(int)
 
     def receive(self, site: str, batch: EventBatch) -> int:
         """Fire the new events of ``batch`` as coming from ``site``; returns the last sequence number handled."""
@@ -60,17 +70,58 @@ class Inbox:
                     "%s: events from #%d arrived before #%d; asking for a resend", site, batch.first_seq, handled + 1
                 )
                 return handled
-            fresh = batch.events[skip:]
             self.duplicates[site] += min(skip, len(batch.events))
-            self._handled[site] = handled + len(fresh)
+            self._handled[site] = handled + max(len(batch.events) - skip, 0)
+            fresh, repeats = self._tasks[site].new(site, batch.events[skip:])
+            self.repeats[site] += repeats
 
             def fire(at: int) -> None:
                 for i, event in enumerate(fresh):
                     self._bus.fire(Forwarded(event.name, site, event.data, at + i if at else 0))
 
-            if self._journal is not None and fresh:
+            if self._journal is not None and self._handled[site] > handled:  # also for markers alone
                 self._journal.append(site, batch.session, self._handled[site], fresh, fire)
             else:
                 fire(0)
             self.received[site] += len(fresh)
             return self._handled[site]
+
+
+@dataclass
+class _TaskSteps:
+    """The steps one site's current task has logged, per series; while the task runs again, the steps its
+    earlier run had logged."""
+
+    task: str = ""
+    last: dict[tuple[str, Any, Any], int] = field(default_factory=dict)
+    logged: dict[tuple[str, Any, Any], int] = field(default_factory=dict)
+
+    def new(self, site: str, events: list[WireEvent]) -> tuple[list[WireEvent], int]:
+        """``events`` without the task markers and without the records an earlier run of the task logged, and
+        how many records were left out."""
+        kept: list[WireEvent] = []
+        repeats = 0
+        for event in events:
+            if event.name == TASK_STARTED:
+                self._started(site, str(event.data.get("task")))
+                continue
+            step = event.data.get("step")
+            if isinstance(step, int) and "key" in event.data:
+                series = (event.name, event.data.get("kind"), event.data["key"])
+                if step <= self.logged.get(series, -1):
+                    repeats += 1
+                    continue
+                self.last[series] = max(step, self.last.get(series, step))
+            kept.append(event)
+        return kept, repeats
+
+    def _started(self, site: str, task: str) -> None:
+        if task != self.task:
+            self.task, self.last, self.logged = task, {}, {}
+        elif self.last:
+            log.info(
+                "%s runs task %s again (its process restarted): the steps its earlier run logged are not logged again",
+                site,
+                task,
+            )
+            self.logged = dict(self.last)

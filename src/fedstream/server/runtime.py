@@ -222,6 +222,7 @@ class ServerRuntime:
                 "events": {
                     "received": dict(federation.inbox.received),
                     "duplicates": dict(federation.inbox.duplicates),
+                    "repeats": dict(federation.inbox.repeats),
                 }
             }
             for name, host in hosts.items():

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from fedstream.config.schema import ForwardConfig
-from fedstream.messages import EventBatch, Failure, Result, Task
+from fedstream.messages import TASK_STARTED, EventBatch, Failure, Result, Task, WireEvent
 from fedstream.site.context import SiteContext, register, restore, run_as, set_running
 from fedstream.site.executor import Executor, TaskOutput
 from fedstream.site.outbox import Forwarder, Outbox
@@ -57,6 +57,7 @@ class Site:
 
     def handle(self, task: Task) -> Result:
         """Run ``task``; a failure is in the result, never raised."""
+        self.outbox.put(WireEvent(TASK_STARTED, {"task": task.id}))  # what the task logs follows it
         token = run_as(self.context)
         set_running(self.context)
         phase = task.kind
