@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -160,6 +162,33 @@ def test_kit_errors_are_clear(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="only a site's kit may set overrides"):
         load_kit(kits / "server", "server")
+
+
+def test_a_kit_whose_files_do_not_belong_together_is_named(tmp_path: Path) -> None:
+    # Found at load, each broken kit names its file; gRPC would have said "the server refused the connection".
+    kits, other = tmp_path / "kits", tmp_path / "other"
+    provision(load_project(_project(tmp_path)), kits)
+    (tmp_path / "o").mkdir()
+    provision(load_project(_project(tmp_path / "o")), other)  # another federation, its own CA
+    with pytest.raises(ConfigError, match=r"kit\.toml: not a folder"):
+        load_kit(kits / "site-1" / "kit.toml", "site")
+    cases = {
+        "key.pem: not an unencrypted PEM private key": ("key.pem", b"garbage"),
+        "cert.pem: not a PEM certificate": ("cert.pem", b"garbage"),
+        "ca.pem: not a PEM certificate": ("ca.pem", b""),
+        "key.pem: not the key of cert.pem": ("key.pem", (kits / "site-2" / "key.pem").read_bytes()),
+        "cert.pem: not issued by the CA of ca.pem": ("cert.pem", (other / "site-1" / "cert.pem").read_bytes()),
+    }
+    for words, (name, content) in cases.items():
+        kit = tmp_path / "broken"
+        shutil.rmtree(kit, ignore_errors=True)
+        shutil.copytree(kits / "site-1", kit)
+        (kit / name).write_bytes(content)
+        if name == "cert.pem" and content != b"garbage":
+            (kit / "key.pem").write_bytes((other / "site-1" / "key.pem").read_bytes())
+        with pytest.raises(ConfigError, match=re.escape(f"{kit / words.split(':')[0]}: {words.split(': ')[1]}")):
+            load_kit(kit, "site")
+    assert load_kit(kits / "site-1", "site").name == "site-1"
 
 
 def test_kits_without_a_ca_are_not_overwritten(tmp_path: Path) -> None:

@@ -19,8 +19,12 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomli_w
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedstream.config.errors import from_validation_error
@@ -106,6 +110,8 @@ def load_kit(folder: str | os.PathLike[str], role: str) -> Kit:
     """Load the kit in ``folder``, which must belong to a participant in ``role``."""
     root = Path(folder)
     file = str(root / KIT_FILE)
+    if root.exists() and not root.is_dir():
+        raise ConfigError("not a folder: a startup kit is the folder fedstream provision made", file=str(root))
     try:
         data = tomllib.loads((root / KIT_FILE).read_text())
     except FileNotFoundError:
@@ -133,6 +139,39 @@ def load_kit(folder: str | os.PathLike[str], role: str) -> Kit:
                 f"the private key is readable by others (mode {stat.filemode(mode)}); run: chmod 600 {key_path}",
                 file=str(key_path),
             )
-        return Kit(root, config, (root / CERT_FILE).read_bytes(), key_path.read_bytes(), (root / CA_FILE).read_bytes())
+        kit = Kit(root, config, (root / CERT_FILE).read_bytes(), key_path.read_bytes(), (root / CA_FILE).read_bytes())
     except FileNotFoundError as exc:
         raise ConfigError(f"the kit is incomplete: {exc.filename} is missing", file=str(root)) from None
+    _check_pems(kit)
+    return kit
+
+
+def _check_pems(kit: Kit) -> None:
+    """Raise :class:`ConfigError` unless the kit's certificate, key and CA certificate are readable, the key is
+    the certificate's and the CA issued it: found here, a broken kit is named; found by TLS, it would look like
+    a server that refuses connections."""
+    root = kit.folder
+    try:
+        cert = x509.load_pem_x509_certificate(kit.cert)
+    except ValueError:
+        raise ConfigError("not a PEM certificate", file=str(root / CERT_FILE)) from None
+    try:
+        ca = x509.load_pem_x509_certificate(kit.ca)
+    except ValueError:
+        raise ConfigError("not a PEM certificate", file=str(root / CA_FILE)) from None
+    try:
+        key = serialization.load_pem_private_key(kit.key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError("not an unencrypted PEM private key", file=str(root / KEY_FILE)) from None
+    if _public(key.public_key()) != _public(cert.public_key()):
+        raise ConfigError(f"not the key of {CERT_FILE} (files of two kits mixed up?)", file=str(root / KEY_FILE))
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(
+            f"not issued by the CA of {CA_FILE} (files of two federations mixed up?)", file=str(root / CERT_FILE)
+        ) from None
+
+
+def _public(key: Any) -> bytes:
+    return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
