@@ -17,12 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from fedstream.config.schema import ForwardConfig
-from fedstream.messages import EventBatch
-from fedstream.site.context import SiteContext
-from fedstream.site.executor import Executor
-from fedstream.site.site import Site
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -232,13 +226,3 @@ def turns_job(tmp_path: Path, *, rounds: int = 1, workflow_args: str = "", train
         """,
         {"turns.py": TURNS},
     )
-
-
-def serverless_site(context: SiteContext, executor: Executor, **options: Any) -> Site:
-    """A site whose events are acknowledged as they are sent: for tests of a site without a server."""
-
-    def acknowledge(batch: EventBatch) -> None:
-        site.outbox.acknowledge(batch.first_seq + len(batch.events) - 1)
-
-    site = Site(context, executor, acknowledge, ForwardConfig(), **options)
-    return site

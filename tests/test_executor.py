@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from fedstream.config import load_job
+from fedstream.config.schema import ForwardConfig
 from fedstream.errors import ConfigError
 from fedstream.events import EventBus
 from fedstream.messages import Payload, Task
 from fedstream.pt.executor import TrainerExecutor
 from fedstream.site.context import SiteContext
 from fedstream.site.site import Site
-from tests.helpers import serverless_site, write_job
+from tests.helpers import write_job
 
 TRAINERS = """
 import sys
@@ -72,7 +73,7 @@ def job(tmp_path: Path, args: str) -> Path:
 def site(tmp_path: Path, args: str) -> Site:
     loaded = load_job(job(tmp_path, args))
     context = SiteContext("site-1", 0, 1, "executor", "id", tmp_path, EventBus(), logging.getLogger("site-1"))
-    return serverless_site(context, TrainerExecutor(loaded))
+    return Site(context, TrainerExecutor(loaded), lambda batch: None, ForwardConfig())
 
 
 def answer(tmp_path: Path, args: str, kind: str = "train") -> str:

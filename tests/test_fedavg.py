@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedstream.config.schema import ForwardConfig
 from fedstream.errors import JobFailed
 from fedstream.events import EventBus
 from fedstream.messages import Payload, Result, Task
@@ -19,9 +20,9 @@ from fedstream.server.models import ModelStore
 from fedstream.site.context import SiteContext
 from fedstream.site.executor import Executor, TaskOutput
 from fedstream.site.host import SiteHost
+from fedstream.site.site import Site
 from fedstream.workflows import FedAvg
 from fedstream.workflows.base import RoundCompleted, RoundSummary
-from tests.helpers import serverless_site
 from tests.local_link import LocalLink, over_the_wire
 
 START = {"w": np.zeros((2, 2), np.float32), "n": np.zeros(1, np.int64)}
@@ -257,7 +258,7 @@ def test_a_task_that_comes_again_is_answered_with_the_result_the_site_has(tmp_pa
     host = SiteHost(
         link,  # type: ignore[arg-type]
         ["site-1"],
-        lambda name: serverless_site(context, executor, stall_timeout_s=5),
+        lambda name: Site(context, executor, lambda batch: None, ForwardConfig(), stall_timeout_s=5),
         keep_round_results=True,
     )
     serving = threading.Thread(target=host.serve)

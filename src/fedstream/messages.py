@@ -80,7 +80,7 @@ class WireEvent:
 
 
 TASK_STARTED = "fedstream.task"
-"""The event a site puts into its event stream as it starts a task (data: ``{"task": <task id>}``). The
+"""The event a deployed site puts into its event stream as it starts a task (data: ``{"task": <task id>}``). The
 server's inbox takes it out of the stream; by it, the inbox tells the records of a task run again (the site's
 process restarted in the middle of it) from those its first run logged."""
 

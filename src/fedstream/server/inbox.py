@@ -11,7 +11,7 @@ A deployed server records each batch of new events in its :class:`~fedstream.ser
 before it fires them (so before the site hears the acknowledgement); each fired event carries its position
 there. A server restarted in the middle of the job takes each site's session and number from the journal.
 
-A site puts a :data:`~fedstream.messages.TASK_STARTED` event into its stream as it starts each task; the inbox
+A deployed site puts a :data:`~fedstream.messages.TASK_STARTED` event into its stream as it starts each task; the inbox
 takes it out. A site whose process was killed in the middle of a task runs that task again in its next
 process (the server sends it again), and its code logs the same steps again: a record (an event with a
 ``key`` and a ``step``) of such a second run is dropped when the first run logged its series (event name,

@@ -33,7 +33,9 @@ class Site:
         stall_timeout_s: after a task, how long to wait for the server to acknowledge more events before
             sending the result anyway (the wait goes on as long as acknowledgements arrive).
         journal_events: keep the outgoing events on disk too (``outbox.jsonl`` in the site's workspace), so that
-            a next process of the site delivers those that a killed one could not (deployed sites).
+            a next process of the site delivers those that a killed one could not (deployed sites); and start
+            each task's events with a :data:`~fedstream.messages.TASK_STARTED` marker, by which the server keeps
+            that next process, which runs the killed one's task again, from logging the same steps twice.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class Site:
         self.context = context
         journal = context.workspace / OUTBOX_JOURNAL if journal_events else None
         self.outbox = Outbox(context.name, send_events, journal=journal)
+        self._mark_tasks = journal_events  # a next process of the site runs the task it was killed in again
         Forwarder(context.bus, self.outbox, forward.events, forward.prefix)
         self._executor = executor
         self._ready = False
@@ -57,7 +60,8 @@ class Site:
 
     def handle(self, task: Task) -> Result:
         """Run ``task``; a failure is in the result, never raised."""
-        self.outbox.put(WireEvent(TASK_STARTED, {"task": task.id}))  # what the task logs follows it
+        if self._mark_tasks:  # what the task logs follows it
+            self.outbox.put(WireEvent(TASK_STARTED, {"task": task.id}))
         token = run_as(self.context)
         set_running(self.context)
         phase = task.kind
