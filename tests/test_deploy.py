@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -177,6 +178,32 @@ def test_no_process_outlives_poc(tmp_path: Path, tiny_cifar: Path) -> None:
     wait_for(lambda: not _processes_of(tmp_path / "poc"), "poc's processes to end", timeout_s=1)
     (line,) = done.stdout.splitlines()  # -q, as simulate's: the outcome alone
     assert line.startswith("completed: round 2 accuracy=") and line.endswith("result.json"), line
+
+
+def test_ctrl_c_stops_poc_with_the_jobs_outcome_and_the_next_poc_does_not_resume_it(tmp_path: Path) -> None:
+    # Ctrl-C in a terminal: SIGINT to poc's process group (poc, its server and its clients). poc said nothing
+    # and the stopped server's job stayed "interrupted": the next poc in that workspace (new kits, a new CA)
+    # resumed it first, and the sites refused it (or, with fewer sites, the server waited for the missing one).
+    workspace = tmp_path / "poc"
+    slow = turns_job(tmp_path / "slow", rounds=50, trainer_args="seconds = 0.2")
+    poc = start_cli("poc", str(slow), "-w", str(workspace), "-n", "2", stdout=subprocess.PIPE, start_new_session=True)
+    assert poc.stdout is not None
+    wait_for(lambda: "running" in poc.stdout.readline(), "the job to run")  # type: ignore[union-attr]
+    os.killpg(poc.pid, signal.SIGINT)
+    with poc.stdout:
+        said = " ".join(poc.stdout.read().split())
+    assert poc.wait(60) == 130
+    assert "interrupted (Ctrl-C)" in said and "result.json" in said and "Traceback" not in said, said
+    wait_for(lambda: not _processes_of(workspace), "poc's processes to end", timeout_s=5)
+
+    quick = turns_job(tmp_path / "quick", rounds=1)
+    done = run_cli(
+        "poc", str(quick), "-w", str(workspace), "-n", "1", "-q", "--set", "server.workflow.args.min_clients=1"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = (workspace / "server.out").read_text()
+    assert "is not resumed: the job was signed with a certificate of another federation" in said
+    assert said.count("starts on") == 2, "the slow job once, in the first poc; the quick one"
 
 
 def test_a_site_certificate_cannot_manage_jobs(deployment: Any) -> None:

@@ -13,6 +13,7 @@ admin, follows it, and stops every process it started, also on Ctrl-C::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from fedstream.deploy.admin import Admin
 from fedstream.deploy.kit import load_kit
 from fedstream.deploy.provision import Project, ServerSpec, provision
 from fedstream.errors import ConfigError
-from fedstream.workspace import LOCK, exclusive
+from fedstream.workspace import LOCK, RESULT, exclusive
 
 ADMIN = "admin"
 MARKER = ".fedstream-poc"
@@ -184,9 +185,17 @@ def run_poc(
     *,
     threads: int = 0,
 ) -> dict[str, Any]:
-    """Run ``job_dir`` on a local deployment of ``num_sites`` sites; returns the job's final status."""
+    """Run ``job_dir`` on a local deployment of ``num_sites`` sites; returns the job's final status. Interrupted
+    (Ctrl-C or SIGTERM) while the job runs, it stops every process and returns the job's status as the stopped
+    server left it (``exit_code`` 130)."""
     check_job_config(job_dir, overrides)  # at once: before the kits, the processes and their seconds
     sites = [f"site-{i}" for i in range(1, num_sites + 1)]
     with federation(Path(workspace), num_sites, threads=threads) as local:
         job_id = local.admin.submit(job_dir, overrides, sites)
-        return local.admin.follow(job_id, show)
+        try:
+            return local.admin.follow(job_id, show)
+        except KeyboardInterrupt:
+            pass
+    result = Path(workspace) / "server" / "jobs" / job_id / RESULT  # the server wrote it as it stopped
+    outcome = json.loads(result.read_text()) if result.is_file() else None
+    return {"id": job_id, "state": "interrupted", "error": "interrupted", "exit_code": 130, "result": outcome}

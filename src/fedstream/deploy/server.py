@@ -240,6 +240,10 @@ class FederationServer:
                 log.error("cannot read %s (%s); that job is forgotten", record_file, exc)
                 continue
             result = self.root / "jobs" / record.id / "result.json"
+            if record.state not in ENDED and (refused := self._unsigned(record)):
+                log.warning("job %s (%s) is not resumed: %s", record.name, record.id, refused)
+                record.state, record.error, record.exit_code = "failed", f"not resumed: {refused}", 1
+                record.save()
             if record.state in ENDED:
                 record.result = json.loads(result.read_text()) if result.is_file() else None
             elif record.state != "queued":  # it was running when the server stopped
@@ -251,6 +255,15 @@ class FederationServer:
             else:
                 self._queue.append(record)
             self._jobs[record.id] = record
+
+    def _unsigned(self, record: JobRecord) -> str:
+        """Why the sites would refuse ``record``'s job now (the federation's kits were made anew since it was
+        submitted, or its admin's certificate expired); empty if they would take it."""
+        try:
+            verify_job(self.kit.ca, record.archive, record.overrides, record.signature)
+        except JobRefused as exc:
+            return f"{exc}; the sites would refuse it (were the kits made anew?)"
+        return ""
 
     def _next_queued(self) -> JobRecord | None:
         with self._cond:
