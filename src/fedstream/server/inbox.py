@@ -11,12 +11,14 @@ A deployed server records each batch of new events in its :class:`~fedstream.ser
 before it fires them (so before the site hears the acknowledgement); each fired event carries its position
 there. A server restarted in the middle of the job takes each site's session and number from the journal.
 
-A deployed site puts a :data:`~fedstream.messages.TASK_STARTED` event into its stream as it starts each task; the inbox
-takes it out. A site whose process was killed in the middle of a task runs that task again in its next
-process (the server sends it again), and its code logs the same steps again: a record (an event with a
-``key`` and a ``step``) of such a second run is dropped when the first run logged its series (event name,
-kind and key) at that step or a later one. The first run's records stand, the second adds only the steps
-the first had not reached, and nothing is logged twice. The count of dropped records is ``repeats``.
+A deployed site puts a :data:`~fedstream.messages.TASK_STARTED` event into its stream as it starts each
+task; the inbox takes it out. A site whose process was killed in the middle of a task runs that task again
+in its next process (the server sends it again), and its code logs the same steps again: a record (an event
+with a ``key`` and a ``step``) of such a second run is dropped when the first run logged its series (event
+name, kind and key) at that step or a later one. The first run's records stand, the second adds only the
+steps the first had not reached, and nothing is logged twice. The count of dropped records is ``repeats``.
+This state is in memory only: a server restarted while a site's process also restarts in the middle of the
+same task does not know what the first run logged.
 """
 
 from __future__ import annotations
