@@ -164,6 +164,12 @@ class Square(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(2, 2))
 
 
+class Wide(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1024, 512))  # 2 MiB
+
+
 class TurnTrainer(Trainer):
     \"\"\"Every task takes ``seconds``; in round 1, ``hang`` sites hang, ``crash`` sites kill their worker, and
     ``kill_client`` sites log ``progress`` at steps 0-299, then kill their deployed client (a SIGKILL of the

@@ -140,6 +140,7 @@ def test_bad_numbers_on_the_command_line_are_refused_before_anything_starts(tmp_
     for args, words in [
         (["server", "start", str(kits / "server"), "--absent-after", "-1"], "--absent-after: expected a positive"),
         (["server", "start", str(kits / "server"), "--absent-after", "nan"], "--absent-after: expected a positive"),
+        (["server", "start", str(kits / "server"), "--max-message-mb", "0"], "--max-message-mb: expected a positive"),
         (["client", "start", str(kits / "site-1"), "--threads", "-1"], "--threads: expected a number of threads"),
         (["poc", str(REPO / "jobs" / "hello-pt"), "--threads", "-2"], "--threads: expected a number of threads"),
     ]:
@@ -204,6 +205,19 @@ def test_ctrl_c_stops_poc_with_the_jobs_outcome_and_the_next_poc_does_not_resume
     said = (workspace / "server.out").read_text()
     assert "is not resumed: the job was signed with a certificate of another federation" in said
     assert said.count("starts on") == 2, "the slow job once, in the first poc; the quick one"
+
+
+def test_a_result_over_the_servers_size_limit_fails_its_task_saying_so(tmp_path: Path) -> None:
+    # The server takes at most 1 MiB per message (--max-message-mb 1), and tells the sites as they join: a
+    # site's 2 MiB result is answered with a failure naming the sizes (sent, it was refused and the site
+    # stopped, and the job said only "the site stopped before it answered").
+    job = turns_job(tmp_path)
+    sets = ["model.path=turns.Wide", "server.workflow.args.min_clients=1"]
+    with federation(tmp_path / "ws", 2, max_message_mb=1) as local:
+        status = local.admin.follow(local.admin.submit(job, sets, ["site-1", "site-2"]), lambda status: None)
+    assert status["state"] == "failed"
+    reason = "its result is 2.0 MiB, over the 1.0 MiB the server takes (fedstream server start --max-message-mb)"
+    assert f"site-1: {reason}" in status["error"] and f"site-2: {reason}" in status["error"], status["error"]
 
 
 def test_a_site_certificate_cannot_manage_jobs(deployment: Any) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,15 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     start.add_argument("-w", "--workspace", required=True, help="folder for the jobs' outputs")
     start.add_argument("--listen", default="", help="address to listen on (default 0.0.0.0:<the kit's port>)")
     start.add_argument(
-        "--absent-after", type=_seconds, default=30.0, help="seconds of silence after which a site is absent"
+        "--absent-after",
+        type=_positive("seconds"),
+        default=30.0,
+        help="seconds of silence after which a site is absent",
+    )
+    start.add_argument(
+        "--max-message-mb",
+        type=_positive("MiB"),
+        help="the largest message a site may send (a result with its weights), in MiB (default: 4096)",
     )
 
     client = commands.add_parser("client", help="run a site's client")
@@ -94,14 +103,19 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     poc.add_argument("-q", "--quiet", action="store_true", help="print only the outcome, in one line")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+def _positive(unit: str) -> Callable[[str], float]:
+    """An argparse type: a positive, finite number of ``unit``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _threads(text: str) -> int:
@@ -149,6 +163,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.setLevel(logging.INFO)
         settings = ServerSettings(absent_after_s=args.absent_after)
+        if args.max_message_mb is not None:
+            settings = dataclasses.replace(settings, max_message_bytes=int(args.max_message_mb * 2**20))
         kit = load_kit(args.kit, "server")
         return FederationServer(
             kit, Path(args.workspace), listen=args.listen, settings=settings, console=handler

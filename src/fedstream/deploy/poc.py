@@ -109,6 +109,7 @@ def federation(
     *,
     threads: int = 0,
     absent_after_s: float = 30.0,
+    max_message_mb: float | None = None,
     adjust: Callable[[Path], None] | None = None,
     environment: dict[str, str] | None = None,
 ) -> Iterator[LocalFederation]:
@@ -129,6 +130,8 @@ def federation(
         per_site = threads or max(1, (os.cpu_count() or 1) // num_sites)
         commands = {"server": [*python, "server", "start", str(kits / "server"), "-w", str(workspace / "server")]}
         commands["server"] += ["--listen", listen, "--absent-after", str(absent_after_s)]
+        if max_message_mb is not None:
+            commands["server"] += ["--max-message-mb", str(max_message_mb)]
         for site in project.sites:
             commands[site] = [*python, "client", "start", str(kits / site), "-w", str(workspace / site)]
             commands[site] += ["--threads", str(per_site)]

@@ -77,7 +77,9 @@ def join_chunks(pieces: Iterable[bytes], limit: int) -> bytearray:
     for piece in pieces:
         buffer += piece
         if len(buffer) > limit:
-            raise TooLarge(f"{len(buffer) / 2**20:.0f} MiB and more, over the limit of {limit / 2**20:.0f} MiB")
+            raise TooLarge(
+                f"over the limit of {limit / 2**20:,.1f} MiB (refused after its first {len(buffer) / 2**20:,.1f} MiB)"
+            )
     return buffer
 
 

@@ -43,7 +43,7 @@ from fedstream.deploy.site_link import JOB
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from fedstream.events import EventBus
 from fedstream.server.runtime import EXIT_INTERRUPTED, RunResult, ServerRuntime, build, new_job_id
-from fedstream.wire import decode, encode, encode_parts
+from fedstream.wire import MAX_FRAME_BYTES, decode, encode, encode_parts
 from fedstream.workflows.base import RoundCompleted
 from fedstream.workspace import MARKER, Workspace, check_site_names, exclusive
 
@@ -66,7 +66,7 @@ class ServerSettings:
 
     absent_after_s: float = 30.0
     poll_s: float = 10.0
-    max_message_bytes: int = 4 * 1024**3
+    max_message_bytes: int = MAX_FRAME_BYTES  # 4 GiB: a result with its weights, refused once over it
     present_within_s: float = 30.0  # a site seen this recently counts as connected (fedstream sites)
 
 
@@ -417,7 +417,7 @@ class FederationServer:
     def _join(self, site: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         link, instance = self._job_for(site, context)
         link.join(site, instance)
-        return b""
+        return protocol.to_json({"max_message_bytes": self.settings.max_message_bytes})
 
     def _poll(self, site: str, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         link, instance = self._job_for(site, context)
@@ -432,7 +432,7 @@ class FederationServer:
             frame = protocol.join_chunks(request, self.settings.max_message_bytes)
             message = decode(frame, max_bytes=self.settings.max_message_bytes)
         except protocol.TooLarge as exc:
-            log.error("%s sent a message of %s; refused", site, exc)
+            log.error("%s sent a message %s; refused", site, exc)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{site}: the message is {exc}")
         except TransportError as exc:
             log.error("%s sent a malformed message: %s", site, exc)

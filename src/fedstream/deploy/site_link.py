@@ -23,8 +23,8 @@ from fedstream.deploy import protocol
 from fedstream.deploy.kit import Kit
 from fedstream.errors import TransportError
 from fedstream.link import SiteEndpoint
-from fedstream.messages import EventAck, EventBatch, Result, Shutdown, Task
-from fedstream.wire import decode, encode_parts
+from fedstream.messages import EventAck, EventBatch, Failure, Result, Shutdown, Task
+from fedstream.wire import MAX_FRAME_BYTES, decode, encode_parts
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,15 @@ class Backoff:
 class GrpcSiteLink:
     """A site's connection to one job on the server; ``max_frame_bytes`` bounds what it accepts."""
 
-    def __init__(self, kit: Kit, job_id: str, *, poll_s: float = 10.0, max_frame_bytes: int = 4 * 1024**3) -> None:
+    def __init__(self, kit: Kit, job_id: str, *, poll_s: float = 10.0, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self._kit = kit
         self._channel = protocol.channel(kit)
         self._metadata = ((JOB, job_id), (protocol.INSTANCE, secrets.token_hex(6)))
         self._poll_s = poll_s
         self._max_frame_bytes = max_frame_bytes
+        self._max_send_bytes = MAX_FRAME_BYTES  # what the server takes: it says so when the site joins
         self._have = ""  # the id of the task this site received last
+        self._kinds: dict[str, str] = {}  # the kind of each task received and not answered
         self._stop = threading.Event()
         self._join_lock = threading.Lock()
         self._endpoint: SiteEndpoint | None = None
@@ -96,8 +98,19 @@ class GrpcSiteLink:
         threading.Thread(target=self._polling, name="poll", daemon=True).start()
 
     def send_result(self, result: Result) -> None:
-        """Send ``result`` until the server has it (or the job is over)."""
-        self._deliver(encode_parts(result), retry=True)
+        """Send ``result`` until the server has it (or the job is over). A result over the size the server
+        takes is answered with a failure that says so: sent, it would be refused and the site stopped."""
+        parts = encode_parts(result)
+        kind = self._kinds.pop(result.task_id, "task")
+        size = sum(len(part) for part in parts)
+        if size > self._max_send_bytes:
+            reason = (
+                f"its result is {size / 2**20:,.1f} MiB, over the {self._max_send_bytes / 2**20:,.1f} MiB the "
+                "server takes (fedstream server start --max-message-mb)"
+            )
+            log.error("%s: %s", result.task_id, reason)
+            parts = encode_parts(Result(result.task_id, result.site, failure=Failure(result.site, kind, reason)))
+        self._deliver(parts, retry=True)
 
     def send_events(self, batch: EventBatch) -> None:
         """One attempt; the outbox resends a batch that is not acknowledged."""
@@ -123,7 +136,8 @@ class GrpcSiteLink:
         with self._join_lock:
             while not self._stop.is_set():
                 try:
-                    self._join(b"", metadata=self._metadata, timeout=30)
+                    answer = protocol.from_json(self._join(b"", metadata=self._metadata, timeout=30))
+                    self._max_send_bytes = int(answer.get("max_message_bytes", MAX_FRAME_BYTES))
                     self._have = ""  # a restarted server sends its running task again: the host answers it
                     return
                 except grpc.RpcError as exc:
@@ -158,6 +172,7 @@ class GrpcSiteLink:
             message = decode(frame, max_bytes=self._max_frame_bytes)
             if isinstance(message, Task):
                 self._have = message.id
+                self._kinds[message.id] = message.kind
                 self._endpoint.task_received(message)
             elif isinstance(message, Shutdown):
                 self._endpoint.shutdown(message.reason)
