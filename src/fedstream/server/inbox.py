@@ -101,6 +101,8 @@ class _TaskSteps:
     def new(self, site: str, events: list[WireEvent]) -> tuple[list[WireEvent], int]:
         """``events`` without the task markers and without the records an earlier run of the task logged, and
         how many records were left out."""
+        if not self.task and all(event.name != TASK_STARTED for event in events):
+            return events, 0  # a site that marks no task (a simulator's): nothing to tell apart, nor to track
         kept: list[WireEvent] = []
         repeats = 0
         for event in events:
