@@ -163,15 +163,23 @@ def _check_pems(kit: Kit) -> None:
         key = serialization.load_pem_private_key(kit.key, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError("not an unencrypted PEM private key", file=str(root / KEY_FILE)) from None
-    if _public(key.public_key()) != _public(cert.public_key()):
+    if public_key_bytes(key.public_key()) != public_key_bytes(cert.public_key()):
         raise ConfigError(f"not the key of {CERT_FILE} (files of two kits mixed up?)", file=str(root / KEY_FILE))
+    if not issued_by(cert, ca):
+        raise ConfigError(
+            f"not issued by the CA of {CA_FILE} (files of two federations mixed up?)", file=str(root / CERT_FILE)
+        )
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``cert``."""
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        raise ConfigError(
-            f"not issued by the CA of {CA_FILE} (files of two federations mixed up?)", file=str(root / CERT_FILE)
-        ) from None
+        return False
+    return True
 
 
-def _public(key: Any) -> bytes:
+def public_key_bytes(key: Any) -> bytes:
+    """A public key's bytes (DER), by which two keys are compared."""
     return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))

@@ -31,7 +31,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedstream.config.errors import from_validation_error
-from fedstream.deploy.kit import CA_FILE, CERT_FILE, KEY_FILE, KIT_FILE, ROLES, KitConfig, write_kit_config
+from fedstream.deploy.kit import (
+    CA_FILE,
+    CERT_FILE,
+    KEY_FILE,
+    KIT_FILE,
+    ROLES,
+    KitConfig,
+    public_key_bytes,
+    write_kit_config,
+)
 from fedstream.errors import ConfigError
 from fedstream.workspace import check_site_name
 
@@ -45,7 +54,6 @@ CA_KEY = "ca.key"
 CA_CERT = "ca.pem"
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 CLOCK_SKEW = datetime.timedelta(minutes=5)  # certificates are valid from a little before now
-_PUBLIC = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)  # a key, compared
 
 
 def _participant(name: str) -> str:
@@ -295,7 +303,7 @@ def sign_request(
     out = root / name
     if (out / CERT_FILE).exists():
         held = x509.load_pem_x509_certificate((out / CERT_FILE).read_bytes()).public_key()
-        if held.public_bytes(*_PUBLIC) == public_key.public_bytes(*_PUBLIC):
+        if public_key_bytes(held) == public_key_bytes(public_key):
             return out  # signed before: the kit is there
         raise ConfigError(
             f"{name} has a certificate already ({out / CERT_FILE}), for another key: the request may not come "

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedstream.deploy.kit import issued_by
 from fedstream.errors import FedstreamError
 
 
@@ -56,10 +57,8 @@ def verify_job(ca_pem: bytes, archive: bytes, overrides: list[str], signed: Sign
         signature = base64.b64decode(signed.signature, validate=True)
     except ValueError as exc:
         raise JobRefused(f"the job's signature is unreadable: {exc}") from None
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise JobRefused("the job was signed with a certificate of another federation (not issued by our CA)") from None
+    if not issued_by(cert, ca):
+        raise JobRefused("the job was signed with a certificate of another federation (not issued by our CA)")
     roles = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     name = str(names[0].value) if names else "?"
