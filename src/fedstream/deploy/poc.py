@@ -201,4 +201,5 @@ def run_poc(
             pass
     result = Path(workspace) / "server" / "jobs" / job_id / RESULT  # the server wrote it as it stopped
     outcome = json.loads(result.read_text()) if result.is_file() else None
-    return {"id": job_id, "state": "interrupted", "error": "interrupted", "exit_code": 130, "result": outcome}
+    stopped = "stopped by Ctrl-C or SIGTERM before the server wrote its result.json"
+    return {"id": job_id, "state": "interrupted", "error": stopped, "exit_code": 130, "result": outcome}

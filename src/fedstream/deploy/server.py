@@ -240,7 +240,7 @@ class FederationServer:
                 log.error("cannot read %s (%s); that job is forgotten", record_file, exc)
                 continue
             result = self.root / "jobs" / record.id / "result.json"
-            if record.state not in ENDED and (refused := self._unsigned(record)):
+            if record.state not in ENDED and (refused := self._refused_now(record)):
                 log.warning("job %s (%s) is not resumed: %s", record.name, record.id, refused)
                 record.state, record.error, record.exit_code = "failed", f"not resumed: {refused}", 1
                 record.save()
@@ -256,7 +256,7 @@ class FederationServer:
                 self._queue.append(record)
             self._jobs[record.id] = record
 
-    def _unsigned(self, record: JobRecord) -> str:
+    def _refused_now(self, record: JobRecord) -> str:
         """Why the sites would refuse ``record``'s job now (the federation's kits were made anew since it was
         submitted, or its admin's certificate expired); empty if they would take it."""
         try:
