@@ -175,7 +175,7 @@ class TurnTrainer(Trainer):
     ``kill_client`` sites log ``progress`` at steps 0-299, then kill their deployed client (a SIGKILL of the
     parent, which this process does not outlive) before those events could leave; the task sent again to the
     restarted site logs steps 0-399 (the value is the run: 1 or 2) and trains normally. Each task logs
-    ``turn`` at ``steps`` steps of its own.\"\"\"
+    ``turn`` at ``steps`` steps of its own, and a text of ``text_kb`` thousand characters first.\"\"\"
 
     def __init__(
         self,
@@ -185,11 +185,14 @@ class TurnTrainer(Trainer):
         crash: list[str] = [],
         kill_client: list[str] = [],
         steps: int = 0,
+        text_kb: int = 0,
     ) -> None:
         self.seconds, self.hang, self.crash, self.kill_client = seconds, hang, crash, kill_client
-        self.steps = steps
+        self.steps, self.text_kb = steps, text_kb
 
     def train(self, task):
+        if self.text_kb:
+            MLflowWriter().log_text("x" * 1000 * self.text_kb, "notes.txt")
         for step in range((task.round - 1) * self.steps, task.round * self.steps):
             MLflowWriter().log_metric("turn", float(step), step=step)
         if task.round == 1 and self.site.name in self.hang:

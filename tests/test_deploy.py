@@ -208,16 +208,18 @@ def test_ctrl_c_stops_poc_with_the_jobs_outcome_and_the_next_poc_does_not_resume
 
 
 def test_a_result_over_the_servers_size_limit_fails_its_task_saying_so(tmp_path: Path) -> None:
-    # The server takes at most 1 MiB per message (--max-message-mb 1), and tells the sites as they join: a
+    # The server takes results of at most 0.5 MiB (--max-message-mb 0.5), and tells the sites as they join: a
     # site's 2 MiB result is answered with a failure naming the sizes (sent, it was refused and the site
-    # stopped, and the job said only "the site stopped before it answered").
-    job = turns_job(tmp_path)
+    # stopped, and the job said only "the site stopped before it answered"). The limit is the results': each
+    # site's 800 kB text, in a message of its events, is delivered.
+    job = turns_job(tmp_path, trainer_args="text_kb = 800")
     sets = ["model.path=turns.Wide", "server.workflow.args.min_clients=1"]
-    with federation(tmp_path / "ws", 2, max_message_mb=1) as local:
+    with federation(tmp_path / "ws", 2, max_message_mb=0.5) as local:
         status = local.admin.follow(local.admin.submit(job, sets, ["site-1", "site-2"]), lambda status: None)
     assert status["state"] == "failed"
-    reason = "its result is 2.0 MiB, over the 1.0 MiB the server takes (fedstream server start --max-message-mb)"
+    reason = "its result is 2.0 MiB, over the 0.5 MiB the server takes (fedstream server start --max-message-mb)"
     assert f"site-1: {reason}" in status["error"] and f"site-2: {reason}" in status["error"], status["error"]
+    assert status["result"]["tracking"]["events"]["received"] == {"site-1": 1, "site-2": 1}
 
 
 def test_a_site_certificate_cannot_manage_jobs(deployment: Any) -> None:

@@ -63,7 +63,7 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     start.add_argument(
         "--max-message-mb",
         type=_positive("MiB"),
-        help="the largest message a site may send (a result with its weights), in MiB (default: 4096)",
+        help="the largest result a site may send (its weights and all), in MiB (default: 4096)",
     )
 
     client = commands.add_parser("client", help="run a site's client")

@@ -42,6 +42,7 @@ from fedstream.deploy.signing import JobRefused, Signature, verify_job
 from fedstream.deploy.site_link import JOB
 from fedstream.errors import ConfigError, FedstreamError, TransportError
 from fedstream.events import EventBus
+from fedstream.messages import Result
 from fedstream.server.runtime import EXIT_INTERRUPTED, RunResult, ServerRuntime, build, new_job_id
 from fedstream.wire import MAX_FRAME_BYTES, decode, encode, encode_parts
 from fedstream.workflows.base import RoundCompleted
@@ -50,6 +51,9 @@ from fedstream.workspace import MARKER, Workspace, check_site_names, exclusive
 log = logging.getLogger(__name__)
 
 ENDED = ("completed", "failed", "aborted")
+EVENTS_LIMIT = 64 * 1024**2
+"""The largest message a site's events may take, whatever the limit for results: a batch holds about 4 MiB
+of texts, which JSON's escapes can make a few times longer."""
 
 RPC_THREADS = 2048
 """Calls the server serves at once. Every connected site holds one long poll (a thread each, for up to
@@ -66,7 +70,7 @@ class ServerSettings:
 
     absent_after_s: float = 30.0
     poll_s: float = 10.0
-    max_message_bytes: int = MAX_FRAME_BYTES  # 4 GiB: a result with its weights, refused once over it
+    max_message_bytes: int = MAX_FRAME_BYTES  # 4 GiB: the largest result (weights and all) a site may send
     present_within_s: float = 30.0  # a site seen this recently counts as connected (fedstream sites)
 
 
@@ -428,9 +432,12 @@ class FederationServer:
 
     def _receive(self, site: str, request: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         link, instance = self._job_for(site, context)
+        limit = max(self.settings.max_message_bytes, EVENTS_LIMIT)  # the limit is the results': events always pass
         try:
-            frame = protocol.join_chunks(request, self.settings.max_message_bytes)
-            message = decode(frame, max_bytes=self.settings.max_message_bytes)
+            frame = protocol.join_chunks(request, limit)
+            message = decode(frame, max_bytes=limit)
+            if isinstance(message, Result) and len(frame) > self.settings.max_message_bytes:
+                raise protocol.TooLarge(f"over the limit of {self.settings.max_message_bytes / 2**20:,.1f} MiB")
         except protocol.TooLarge as exc:
             log.error("%s sent a message %s; refused", site, exc)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{site}: the message is {exc}")
