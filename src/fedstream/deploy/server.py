@@ -266,7 +266,7 @@ class FederationServer:
         try:
             verify_job(self.kit.ca, record.archive, record.overrides, record.signature)
         except JobRefused as exc:
-            return f"{exc}; the sites would refuse it (were the kits made anew?)"
+            return f"{exc}: the sites would refuse it"
         return ""
 
     def _next_queued(self) -> JobRecord | None:

@@ -73,8 +73,9 @@ class Inbox:
                 )
                 return handled
             self.duplicates[site] += min(skip, len(batch.events))
-            self._handled[site] = handled + max(len(batch.events) - skip, 0)
-            fresh, repeats = self._tasks[site].new(site, batch.events[skip:])
+            arrived = batch.events[skip:]
+            self._handled[site] = handled + len(arrived)
+            fresh, repeats = self._tasks[site].new(site, arrived)
             self.repeats[site] += repeats
 
             def fire(at: int) -> None:
