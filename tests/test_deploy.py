@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -34,8 +35,10 @@ from fedstream.deploy.server import ENDED
 from fedstream.deploy.signing import sign_job
 from fedstream.deploy.site_link import GrpcSiteLink
 from fedstream.errors import ConfigError, FedstreamError, TransportError
+from fedstream.messages import Result
 from fedstream.pt.executor import job_sites
 from fedstream.site.host import SiteHost
+from fedstream.wire import decode, encode_parts
 from tests.helpers import REPO, hello_job, read_result, run_cli, start_cli, turns_job, wait_for
 from tests.tcp_proxy import TcpProxy
 
@@ -92,6 +95,36 @@ def _outcome(result: dict[str, Any]) -> tuple[Any, ...]:
         _scalars(Path(result["tracking"]["tensorboard"]["logdir"])),
         _mlflow_counts(result["job_id"]),
     )
+
+
+def _anonymous_mb() -> float:
+    """This process's anonymous resident memory (not the page cache's file pages), in MB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the process's memory in /proc")
+def test_a_large_message_is_received_on_disk_not_in_memory(tmp_path: Path) -> None:
+    """A server receives each site's result into a temporary file: the results of many sites sent at once,
+    waiting to be averaged, do not add up in its memory."""
+    weights = {"w": np.arange(16 * 2**20, dtype=np.float32)}  # 64 MiB
+    pieces = list(protocol.chunks(*encode_parts(Result("1.train.site-1.1", "site-1", num_samples=3, weights=weights))))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    before = _anonymous_mb()
+    frame = protocol.join_chunks(iter(pieces), 2**30, spool=spool)
+    grown = _anonymous_mb() - before
+    del pieces
+    message = decode(frame)
+    assert isinstance(message, Result) and message.num_samples == 3
+    assert np.array_equal(message.weights["w"], weights["w"])
+    message.weights["w"][0] = -1  # writable, as a frame in memory is; the file is not changed
+    assert grown < 16, f"receiving a 64 MiB message took {grown:.0f} MB of memory"
+    assert list(spool.iterdir()) == []  # the file has no name: nothing is left behind
+    with pytest.raises(protocol.TooLarge, match=r"over the limit of 8\.0 MiB"):
+        protocol.join_chunks(protocol.chunks(*encode_parts(message)), 8 * 2**20, spool=spool)
+    small = decode(protocol.join_chunks(iter([b"".join(protocol.chunks(*encode_parts(Result("t", "s"))))]), 2**20))
+    assert isinstance(small, Result) and small.task_id == "t"
 
 
 def test_poc_runs_the_job_unchanged_and_matches_simulate(tmp_path: Path, tiny_cifar: Path) -> None:

@@ -13,6 +13,7 @@ data are views of the message's own arrays, and :func:`decode` returns arrays th
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from typing import Any
 
@@ -130,7 +131,7 @@ def _safetensors(arrays: dict[str, np.ndarray], offset: int) -> list[bytes | mem
     return [struct.pack("<Q", len(text)) + text, *data]
 
 
-def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+def decode(frame: bytes | bytearray | memoryview | mmap.mmap, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     """The message in ``frame``; its arrays are views of ``frame``. A malformed or oversized frame raises
     :class:`TransportError`."""
     if len(frame) > max_bytes:

@@ -188,7 +188,7 @@ def site_main(kit_dir: str) -> None:
     header = json.loads((folder / HEADER).read_text())
     site, sites = kit.name, list(header["sites"])
     logs.setup_worker(folder, [site], verbose=False)
-    link = GrpcSiteLink(kit, str(header["job_id"]))
+    link = GrpcSiteLink(kit, str(header["job_id"]), spool=folder)
     job_id, indices = str(header["job_id"]), {s: i for i, s in enumerate(sites)}
     code = folder / "code" / job_folder_name(header.get("folder"))
     overrides = list(header["overrides"])

@@ -9,10 +9,14 @@ callers and their states are described in ``docs/deployment-protocol.md``.
 
 from __future__ import annotations
 
+import itertools
 import json
+import mmap
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
@@ -70,17 +74,41 @@ class TooLarge(Exception):
     """A frame grew past its limit."""
 
 
-def join_chunks(pieces: Iterable[bytes], limit: int) -> bytearray:
+def join_chunks(pieces: Iterable[bytes], limit: int, spool: Path | None = None) -> bytearray | mmap.mmap:
     """The frame made of ``pieces`` (not copied again: decode it as it is); raises :class:`TooLarge` once it
-    would exceed ``limit`` bytes."""
-    buffer = bytearray()
-    for piece in pieces:
-        buffer += piece
-        if len(buffer) > limit:
+    would exceed ``limit`` bytes.
+
+    With ``spool``, a frame of more than one piece is written to a temporary file in that folder as it arrives
+    and given back mapped (copy on write: its arrays are writable, the file is never changed), so that receiving
+    it holds one piece of memory, and a frame waiting for its turn (a result waiting to be averaged) holds none:
+    the kernel keeps it in its page cache, or on disk. The file has no name; it goes when the frame does."""
+    received = 0
+
+    def counted(piece: bytes) -> bytes:
+        nonlocal received
+        received += len(piece)
+        if received > limit:
             raise TooLarge(
-                f"over the limit of {limit / 2**20:,.1f} MiB (refused after its first {len(buffer) / 2**20:,.1f} MiB)"
+                f"over the limit of {limit / 2**20:,.1f} MiB (refused after its first {received / 2**20:,.1f} MiB)"
             )
-    return buffer
+        return piece
+
+    iterator = iter(pieces)
+    buffer = bytearray(counted(next(iterator, b"")))
+    second = next(iterator, None)
+    if second is None:
+        return buffer
+    rest = itertools.chain([second], iterator)
+    if spool is None:
+        for piece in rest:
+            buffer += counted(piece)
+        return buffer
+    with tempfile.TemporaryFile(dir=spool) as file:
+        file.write(buffer)
+        for piece in rest:
+            file.write(counted(piece))
+        file.flush()
+        return mmap.mmap(file.fileno(), received, access=mmap.ACCESS_COPY) if received else bytearray()
 
 
 def to_json(value: Any) -> bytes:

@@ -434,7 +434,7 @@ class FederationServer:
         link, instance = self._job_for(site, context)
         limit = max(self.settings.max_message_bytes, EVENTS_LIMIT)  # the limit is the results': events always pass
         try:
-            frame = protocol.join_chunks(request, limit)
+            frame = protocol.join_chunks(request, limit, spool=self.root)  # N sites' results wait on disk
             message = decode(frame, max_bytes=limit)
             if isinstance(message, Result) and len(frame) > self.settings.max_message_bytes:
                 raise protocol.TooLarge(f"over the limit of {self.settings.max_message_bytes / 2**20:,.1f} MiB")
@@ -444,6 +444,9 @@ class FederationServer:
         except TransportError as exc:
             log.error("%s sent a malformed message: %s", site, exc)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{site}: malformed message: {exc}")
+        except OSError as exc:  # the workspace's disk is full, say: the site tries again later
+            log.error("cannot store a message from %s in %s: %s", site, self.root, exc)
+            _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server cannot store the message now: {exc}")
         try:
             ack = link.receive(site, instance, message)
         except Refused as exc:

@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
@@ -70,14 +71,24 @@ class Backoff:
 
 
 class GrpcSiteLink:
-    """A site's connection to one job on the server; ``max_frame_bytes`` bounds what it accepts."""
+    """A site's connection to one job on the server; ``max_frame_bytes`` bounds what it accepts, and a task
+    larger than a chunk is received into a temporary file in ``spool`` (see :func:`protocol.join_chunks`)."""
 
-    def __init__(self, kit: Kit, job_id: str, *, poll_s: float = 10.0, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        kit: Kit,
+        job_id: str,
+        *,
+        poll_s: float = 10.0,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        spool: Path | None = None,
+    ) -> None:
         self._kit = kit
         self._channel = protocol.channel(kit)
         self._metadata = ((JOB, job_id), (protocol.INSTANCE, secrets.token_hex(6)))
         self._poll_s = poll_s
         self._max_frame_bytes = max_frame_bytes
+        self._spool = spool
         self._max_send_bytes = MAX_FRAME_BYTES  # what the server takes: it says so when the site joins
         self._have = ""  # the id of the task this site received last
         self._kinds: dict[str, str] = {}  # the kind of each task received and not answered
@@ -153,7 +164,7 @@ class GrpcSiteLink:
             request = protocol.to_json({"have": self._have, "wait_s": self._poll_s})
             try:
                 stream = self._poll(request, metadata=self._metadata, timeout=self._poll_s + 30)
-                frame = protocol.join_chunks(stream, self._max_frame_bytes)
+                frame = protocol.join_chunks(stream, self._max_frame_bytes, self._spool)
             except grpc.RpcError as exc:
                 if self._fatal(exc):
                     return
@@ -164,6 +175,10 @@ class GrpcSiteLink:
                 continue
             except (protocol.TooLarge, TransportError) as exc:
                 log.error("the server sent a message this site refuses: %s", exc)
+                backoff.wait(self._stop)
+                continue
+            except OSError as exc:  # the spool's disk is full, say
+                log.error("cannot store the server's message in %s: %s; retrying", self._spool, exc)
                 backoff.wait(self._stop)
                 continue
             backoff.reset()
