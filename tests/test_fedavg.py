@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import torch
 from fedstream.config.schema import ForwardConfig
 from fedstream.errors import JobFailed
 from fedstream.events import EventBus
-from fedstream.messages import Payload, Result, Task
+from fedstream.messages import Payload, Result, Task, Weights
 from fedstream.server.dispatch import TaskDone
 from fedstream.server.federation import Federation
 from fedstream.server.models import ModelStore
@@ -23,6 +26,7 @@ from fedstream.site.host import SiteHost
 from fedstream.site.site import Site
 from fedstream.workflows import FedAvg
 from fedstream.workflows.base import RoundCompleted, RoundSummary
+from fedstream.workflows.fedavg import RoundUpdate
 from tests.local_link import LocalLink, over_the_wire
 
 START = {"w": np.zeros((2, 2), np.float32), "n": np.zeros(1, np.int64)}
@@ -67,6 +71,7 @@ def run(
     groups: list[list[str]] | None = None,
     gate: dict[str, threading.Event] | None = None,
     release_when_left_out: threading.Event | None = None,
+    workflow: type[FedAvg] = FedAvg,
     **args: object,
 ) -> tuple[list[RoundSummary], ModelStore, LocalLink]:
     sites = sorted(VALUES)
@@ -85,7 +90,7 @@ def run(
     federation.start(link)
     models = ModelStore(tmp_path / "models")
     try:
-        FedAvg(**{"num_rounds": 1, "min_clients": 2, **args}).run(federation, models, START)  # type: ignore[arg-type]
+        workflow(**{"num_rounds": 1, "min_clients": 2, **args}).run(federation, models, START)  # type: ignore[arg-type]
     finally:
         link.close()
     return rounds, models, link
@@ -102,6 +107,27 @@ def test_the_average_is_exact_and_weighted_by_samples(tmp_path: Path) -> None:
     assert first.clients == ["site-1", "site-2", "site-3"] and first.num_samples == 8
     assert first.metrics["accuracy"] == 2.875 * 2.875 and second.metrics["accuracy"] == 5.75 * 2.875
     assert first.validated == ["site-1", "site-2", "site-3"] and first.failed == []
+
+
+def test_a_round_lets_its_model_go_before_it_makes_the_next(tmp_path: Path) -> None:
+    """The server does not hold the round's model and the new one at once (a model's worth of memory)."""
+    held: list[bool] = []
+
+    class Watched(FedAvg):
+        def round_update(self, weights: Weights, sites: Sequence[str]) -> RoundUpdate:
+            model = weakref.ref(weights["w"])
+
+            class Update(RoundUpdate):
+                def result(self) -> Weights:
+                    gc.collect()
+                    held.append(model() is not None)
+                    return super().result()
+
+            return Update()
+
+    rounds, models, _ = run(tmp_path, num_rounds=3, workflow=Watched)
+    assert len(rounds) == 3 and np.array_equal(saved(models), np.full((2, 2), 3 * 2.875, np.float32))
+    assert held == [True, False, False]  # the first round's model is the job's initial one, which the caller has
 
 
 @pytest.mark.parametrize(

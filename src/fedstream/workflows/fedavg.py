@@ -20,6 +20,7 @@ import operator
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -160,8 +161,10 @@ class FedAvg(Workflow):
             first, best = done + 1, state.get("best")
             self.restore(arrays)
             log.info("resuming the job after round %d of %d", done, self.num_rounds)
+        model = GlobalModel(weights)
+        del weights  # held by ``model`` alone, which a round empties before it makes the next model
         for round in range(first, self.num_rounds + 1):
-            weights, summary = self._round(federation, models, round, weights)
+            summary = self._round(federation, models, round, model)
             self._check_metrics(summary)
             score = summary.metrics[self.key_metric]
             if best is None or (score > best if self.key_metric_mode == "max" else score < best):
@@ -188,27 +191,27 @@ class FedAvg(Workflow):
                 timeout_s=self.task_timeout_s,
             )
 
-    def _round(
-        self, federation: Federation, models: ModelStore, round: int, weights: Weights
-    ) -> tuple[Weights, RoundSummary]:
-        """Train, average, save and validate once; returns the new global weights and the round's summary."""
+    def _round(self, federation: Federation, models: ModelStore, round: int, model: GlobalModel) -> RoundSummary:
+        """Train, average, save and validate once: ``model`` holds the new global weights after it."""
         started = time.monotonic()
         sampled = self.sample(federation.sites, round)
         federation.bus.fire(RoundStarted(round, self.num_rounds))
         log.info("round %d/%d: training on %d site(s)", round, self.num_rounds, len(sampled))
 
+        weights = model.weights
         update = self.round_update(weights, federation.sites)
-        like = weights
 
         def add_trained(result: Result) -> None:
             self._check_samples(result)
-            check_weights(result.weights, like, finite=self.reject_non_finite)
+            check_weights(result.weights, weights, finite=self.reject_non_finite)
             update.add(result)
             if self.cross_site_eval:
                 models.save(f"local/{result.site}", result.weights)
 
         trained = self._collect(federation, TRAIN, round, sampled, self.train_payload(weights), add_trained)
-        weights = update.result()
+        del weights, add_trained
+        model.weights = {}  # the round's model goes (an update that needs it kept it) before the next is made
+        weights = model.weights = update.result()
         models.save("global", weights)
 
         validators = federation.sites if self.validate_on == "all" else sampled
@@ -229,7 +232,7 @@ class FedAvg(Workflow):
             failed=trained.failed + validated.failed,
             ended_at=time.time(),
         )
-        return weights, summary
+        return summary
 
     # -- what the algorithms built on FedAvg change ---------------------------------------------------------------
     def train_payload(self, weights: Weights) -> Payload:
@@ -237,8 +240,9 @@ class FedAvg(Workflow):
         return Payload(weights)
 
     def round_update(self, weights: Weights, sites: Sequence[str]) -> RoundUpdate:
-        """How this round's training results (from some of ``sites``) become the next global model."""
-        return RoundUpdate(weights)
+        """How this round's training results (from some of ``sites``) become the next global model (an update
+        that needs ``weights`` to make it keeps them)."""
+        return RoundUpdate()
 
     def saved_arrays(self) -> dict[str, Weights]:
         """The algorithm's state to keep in each round's checkpoint (FedAvg has none)."""
@@ -307,12 +311,19 @@ class FedAvg(Workflow):
         return replies
 
 
+@dataclass
+class GlobalModel:
+    """The global model's weights, held in one place: a round empties it before it makes the next model, so
+    that the server does not hold both (a model's worth of memory less at the round's peak)."""
+
+    weights: Weights
+
+
 class RoundUpdate:
     """FedAvg's round: the next global model is the average of the trained weights, weighted by samples,
     accumulated as results arrive."""
 
-    def __init__(self, weights: Weights) -> None:
-        self.weights = weights
+    def __init__(self) -> None:
         self.average = WeightedAverage()
 
     def add(self, result: Result) -> None:

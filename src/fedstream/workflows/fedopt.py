@@ -110,8 +110,9 @@ class FedOpt(FedAvg):
 
 class _OptimizedUpdate(RoundUpdate):
     def __init__(self, workflow: FedOpt, weights: Weights) -> None:
-        super().__init__(weights)
+        super().__init__()
         self._workflow = workflow
+        self.weights = weights  # the step starts from the round's model
 
     def result(self) -> Weights:
         updated = {}

@@ -45,7 +45,7 @@ class Scaffold(FedAvg):
         return Payload(weights, extra={SCAFFOLD_C: self.control})
 
     def round_update(self, weights: Weights, sites: Sequence[str]) -> RoundUpdate:
-        return _ScaffoldUpdate(self, weights, len(sites))
+        return _ScaffoldUpdate(self, len(sites))
 
     def saved_arrays(self) -> dict[str, Weights]:
         return {"c": self.control}
@@ -55,8 +55,8 @@ class Scaffold(FedAvg):
 
 
 class _ScaffoldUpdate(RoundUpdate):
-    def __init__(self, workflow: Scaffold, weights: Weights, num_sites: int) -> None:
-        super().__init__(weights)
+    def __init__(self, workflow: Scaffold, num_sites: int) -> None:
+        super().__init__()
         self._workflow = workflow
         self._num_sites = num_sites
         self._changes = WeightedAverage()
