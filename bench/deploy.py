@@ -184,12 +184,12 @@ def main() -> None:
         f"| (g) the same with {MANY_SITES} sites sending a {MANY_MIB} MiB model at once | {models(many, MANY_MIB)} | |",
         "",
         "The (g) round also includes the averaging, saving global.pt, and the site loading the weights into its "
-        "model twice, so the ratio is a lower bound of the transport's own. The server holds the round's model "
-        "and the float64 sums of the average (two models: they keep the average independent of the order in "
-        "which results arrive) while it averages, then the sums and the new model (the round's model is let go "
-        "first). Results are received into temporary files and mapped: the pages of the one being averaged "
-        "count in the RSS, not in the anonymous memory, and the kernel can drop them; results waiting for their "
-        f"turn cost no memory, so {MANY_SITES} sites sending at once cost the server what one does.",
+        "model twice, so the ratio is a lower bound of the transport's own. The server's own (anonymous) memory "
+        "holds the round's model while it averages, then the new model (the round's model is let go first); the "
+        "average's float64 sums live in a temporary file. Results are received into temporary files and mapped: "
+        "the pages of the one being averaged count in the RSS, not in the anonymous memory, and the kernel can "
+        f"drop them; results waiting for their turn cost no memory, so {MANY_SITES} sites sending at once cost "
+        "the server what one does.",
         "",
     ]
     write_results(RESULTS, lines)

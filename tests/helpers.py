@@ -235,3 +235,12 @@ def turns_job(tmp_path: Path, *, rounds: int = 1, workflow_args: str = "", train
         """,
         {"turns.py": TURNS},
     )
+
+
+PROC_STATUS = Path("/proc/self/status")
+
+
+def anonymous_mb() -> float:
+    """This process's anonymous resident memory (not the page cache's file pages), in MB (Linux)."""
+    with PROC_STATUS.open() as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon:"))

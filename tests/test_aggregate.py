@@ -1,11 +1,14 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from fedstream.workflows.aggregate import MetricAverage, WeightedAverage
+from tests.helpers import PROC_STATUS, anonymous_mb
 
 
-def test_weighted_average_is_exact_for_uneven_counts() -> None:
-    average = WeightedAverage()
+def test_weighted_average_is_exact_for_uneven_counts(tmp_path: Path) -> None:
+    average = WeightedAverage(tmp_path)
     average.add({"w": np.full((2, 2), 1.0, np.float32), "n": np.array([10], np.int64)}, 1)
     average.add({"w": np.full((2, 2), 2.0, np.float32), "n": np.array([20], np.int64)}, 3)
     average.add({"w": np.full((2, 2), 4.0, np.float32), "n": np.array([31], np.int64)}, 4)
@@ -22,16 +25,16 @@ def test_weighted_average_is_exact_for_uneven_counts() -> None:
         average.add({"w": np.ones((2, 2), np.float32), "n": np.array([1], np.int64)}, 1)
 
 
-def test_weighted_average_accumulates_in_float64() -> None:
-    average = WeightedAverage()
+def test_weighted_average_accumulates_in_float64(tmp_path: Path) -> None:
+    average = WeightedAverage(tmp_path)
     big, small = np.array([1e8], np.float32), np.array([1.0], np.float32)
     average.add({"x": big}, 1)
     average.add({"x": small}, 1)
     assert average.result()["x"][0] == np.float32((1e8 + 1.0) / 2)
 
 
-def test_weighted_average_rejects_mismatches() -> None:
-    average = WeightedAverage()
+def test_weighted_average_rejects_mismatches(tmp_path: Path) -> None:
+    average = WeightedAverage(tmp_path)
     average.add({"a": np.zeros(3)}, 1)
     with pytest.raises(ValueError, match=r"missing \['a'\], unexpected \['b'\]"):
         average.add({"b": np.zeros(3)}, 1)
@@ -40,7 +43,7 @@ def test_weighted_average_rejects_mismatches() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         average.add({"a": np.zeros(3)}, 0)
     with pytest.raises(ValueError, match="no contributions"):
-        WeightedAverage().result()
+        WeightedAverage(tmp_path).result()
 
 
 def test_metric_average_weights_each_key_by_who_reported_it() -> None:
@@ -50,10 +53,25 @@ def test_metric_average_weights_each_key_by_who_reported_it() -> None:
     assert metrics.result() == {"accuracy": 0.875, "loss": 2.0}
 
 
-def test_weighted_average_of_transposed_arrays() -> None:
+def test_weighted_average_of_transposed_arrays(tmp_path: Path) -> None:
     # a state dict may hold non-contiguous tensors (a transposed view): every contribution still counts
-    average = WeightedAverage()
+    average = WeightedAverage(tmp_path)
     x = np.arange(6, dtype=np.float32).reshape(2, 3).T
     average.add({"x": x}, 1)
     average.add({"x": 2 * x}, 3)
     np.testing.assert_array_equal(average.result()["x"], 1.75 * x)
+
+
+@pytest.mark.skipif(not PROC_STATUS.is_file(), reason="reads the process's memory in /proc")
+def test_the_sums_wait_in_a_file_not_in_memory(tmp_path: Path) -> None:
+    """The float64 sums are twice the model: they are kept in a temporary file, not in the server's memory."""
+    model = {"w": np.arange(16 * 2**20, dtype=np.float32)}  # 64 MiB: its sums are 128 MiB
+    scratch = tmp_path / "scratch"
+    average = WeightedAverage(scratch)
+    before = anonymous_mb()
+    average.add(model, 1)
+    average.add(model, 3)
+    grown = anonymous_mb() - before
+    assert np.array_equal(average.result()["w"], model["w"])
+    assert grown < 16, f"the sums of a 64 MiB model took {grown:.0f} MB of memory"
+    assert list(scratch.iterdir()) == []  # the file has no name, and is closed once the average is used

@@ -39,7 +39,17 @@ from fedstream.messages import Result
 from fedstream.pt.executor import job_sites
 from fedstream.site.host import SiteHost
 from fedstream.wire import decode, encode_parts
-from tests.helpers import REPO, hello_job, read_result, run_cli, start_cli, turns_job, wait_for
+from tests.helpers import (
+    PROC_STATUS,
+    REPO,
+    anonymous_mb,
+    hello_job,
+    read_result,
+    run_cli,
+    start_cli,
+    turns_job,
+    wait_for,
+)
 from tests.tcp_proxy import TcpProxy
 
 TINY = [
@@ -97,13 +107,7 @@ def _outcome(result: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _anonymous_mb() -> float:
-    """This process's anonymous resident memory (not the page cache's file pages), in MB."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon:"))
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the process's memory in /proc")
+@pytest.mark.skipif(not PROC_STATUS.is_file(), reason="reads the process's memory in /proc")
 def test_a_large_message_is_received_on_disk_not_in_memory(tmp_path: Path) -> None:
     """A server receives each site's result into a temporary file: the results of many sites sent at once,
     waiting to be averaged, do not add up in its memory."""
@@ -111,9 +115,9 @@ def test_a_large_message_is_received_on_disk_not_in_memory(tmp_path: Path) -> No
     pieces = list(protocol.chunks(*encode_parts(Result("1.train.site-1.1", "site-1", num_samples=3, weights=weights))))
     spool = tmp_path / "spool"
     spool.mkdir()
-    before = _anonymous_mb()
+    before = anonymous_mb()
     frame = protocol.join_chunks(iter(pieces), 2**30, spool=spool)
-    grown = _anonymous_mb() - before
+    grown = anonymous_mb() - before
     del pieces
     message = decode(frame)
     assert isinstance(message, Result) and message.num_samples == 3

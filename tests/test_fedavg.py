@@ -114,7 +114,7 @@ def test_a_round_lets_its_model_go_before_it_makes_the_next(tmp_path: Path) -> N
     held: list[bool] = []
 
     class Watched(FedAvg):
-        def round_update(self, weights: Weights, sites: Sequence[str]) -> RoundUpdate:
+        def round_update(self, weights: Weights, sites: Sequence[str], scratch: Path) -> RoundUpdate:
             model = weakref.ref(weights["w"])
 
             class Update(RoundUpdate):
@@ -123,7 +123,7 @@ def test_a_round_lets_its_model_go_before_it_makes_the_next(tmp_path: Path) -> N
                     held.append(model() is not None)
                     return super().result()
 
-            return Update()
+            return Update(scratch)
 
     rounds, models, _ = run(tmp_path, num_rounds=3, workflow=Watched)
     assert len(rounds) == 3 and np.array_equal(saved(models), np.full((2, 2), 3 * 2.875, np.float32))

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -199,7 +200,7 @@ class FedAvg(Workflow):
         log.info("round %d/%d: training on %d site(s)", round, self.num_rounds, len(sampled))
 
         weights = model.weights
-        update = self.round_update(weights, federation.sites)
+        update = self.round_update(weights, federation.sites, models.folder)
 
         def add_trained(result: Result) -> None:
             self._check_samples(result)
@@ -239,10 +240,10 @@ class FedAvg(Workflow):
         """What a train task carries: the global model (and, in subclasses, settings and extra arrays)."""
         return Payload(weights)
 
-    def round_update(self, weights: Weights, sites: Sequence[str]) -> RoundUpdate:
+    def round_update(self, weights: Weights, sites: Sequence[str], scratch: Path) -> RoundUpdate:
         """How this round's training results (from some of ``sites``) become the next global model (an update
-        that needs ``weights`` to make it keeps them)."""
-        return RoundUpdate()
+        that needs ``weights`` to make it keeps them); ``scratch`` is a folder for its temporary files."""
+        return RoundUpdate(scratch)
 
     def saved_arrays(self) -> dict[str, Weights]:
         """The algorithm's state to keep in each round's checkpoint (FedAvg has none)."""
@@ -323,8 +324,8 @@ class RoundUpdate:
     """FedAvg's round: the next global model is the average of the trained weights, weighted by samples,
     accumulated as results arrive."""
 
-    def __init__(self) -> None:
-        self.average = WeightedAverage()
+    def __init__(self, scratch: Path) -> None:
+        self.average = WeightedAverage(scratch)
 
     def add(self, result: Result) -> None:
         """Take one site's checked training result."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -72,8 +73,8 @@ class FedOpt(FedAvg):
         self.m: Weights = {}
         self.v: Weights = {}
 
-    def round_update(self, weights: Weights, sites: Sequence[str]) -> RoundUpdate:
-        return _OptimizedUpdate(self, weights)
+    def round_update(self, weights: Weights, sites: Sequence[str], scratch: Path) -> RoundUpdate:
+        return _OptimizedUpdate(self, weights, scratch)
 
     def saved_arrays(self) -> dict[str, Weights]:
         return {"m": self.m, "v": self.v}
@@ -109,8 +110,8 @@ class FedOpt(FedAvg):
 
 
 class _OptimizedUpdate(RoundUpdate):
-    def __init__(self, workflow: FedOpt, weights: Weights) -> None:
-        super().__init__()
+    def __init__(self, workflow: FedOpt, weights: Weights, scratch: Path) -> None:
+        super().__init__(scratch)
         self._workflow = workflow
         self.weights = weights  # the step starts from the round's model
 

@@ -12,6 +12,7 @@ the models as FedAvg does (weighted by samples; a global learning rate of 1) and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,8 @@ class Scaffold(FedAvg):
             }
         return Payload(weights, extra={SCAFFOLD_C: self.control})
 
-    def round_update(self, weights: Weights, sites: Sequence[str]) -> RoundUpdate:
-        return _ScaffoldUpdate(self, len(sites))
+    def round_update(self, weights: Weights, sites: Sequence[str], scratch: Path) -> RoundUpdate:
+        return _ScaffoldUpdate(self, len(sites), scratch)
 
     def saved_arrays(self) -> dict[str, Weights]:
         return {"c": self.control}
@@ -55,11 +56,11 @@ class Scaffold(FedAvg):
 
 
 class _ScaffoldUpdate(RoundUpdate):
-    def __init__(self, workflow: Scaffold, num_sites: int) -> None:
-        super().__init__()
+    def __init__(self, workflow: Scaffold, num_sites: int, scratch: Path) -> None:
+        super().__init__(scratch)
         self._workflow = workflow
         self._num_sites = num_sites
-        self._changes = WeightedAverage()
+        self._changes = WeightedAverage(scratch)
 
     def add(self, result: Result) -> None:
         change = result.extra.get(SCAFFOLD_DELTA_C)
