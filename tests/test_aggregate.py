@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedstream.errors import JobFailed
 from fedstream.workflows.aggregate import MetricAverage, WeightedAverage
 from tests.helpers import PROC_STATUS, anonymous_mb
 
@@ -75,3 +76,10 @@ def test_the_sums_wait_in_a_file_not_in_memory(tmp_path: Path) -> None:
     assert np.array_equal(average.result()["w"], model["w"])
     assert grown < 16, f"the sums of a 64 MiB model took {grown:.0f} MB of memory"
     assert list(scratch.iterdir()) == []  # the file has no name, and is closed once the average is used
+
+
+def test_an_average_that_cannot_keep_its_sums_fails_the_job_naming_the_folder(tmp_path: Path) -> None:
+    taken = tmp_path / "models"
+    taken.write_text("a file where the models folder would be")
+    with pytest.raises(JobFailed, match=r"cannot keep the average's sums in .*models: \[Errno"):
+        WeightedAverage(taken).add({"w": np.ones(3, np.float32)}, 1)

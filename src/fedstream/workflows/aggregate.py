@@ -3,13 +3,16 @@ the checks a site's weights pass before they count."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 
+from fedstream.errors import JobFailed
 from fedstream.messages import Weights
 
 BLOCK = 1 << 16
@@ -74,24 +77,25 @@ class WeightedAverage:
                 if array.shape != self._layout[name][1]:
                     raise ValueError(f"{name!r} has shape {array.shape}, expected {self._layout[name][1]}")
         first = not self._layout
-        if first:  # the first contribution is the sum: nothing to read back
-            self._folder.mkdir(parents=True, exist_ok=True)
-            file = tempfile.TemporaryFile(dir=self._folder, buffering=0)  # noqa: SIM115 - closed when used up
-            self._file = cast(io.RawIOBase, file)
-            offset = 0
+        with self._on_disk():
+            if first:  # the first contribution is the sum: nothing to read back
+                self._folder.mkdir(parents=True, exist_ok=True)
+                file = tempfile.TemporaryFile(dir=self._folder, buffering=0)  # noqa: SIM115 - closed when used up
+                self._file = cast(io.RawIOBase, file)
+                offset = 0
+                for name, array in arrays.items():
+                    self._layout[name] = (offset, array.shape, array.dtype)
+                    offset += array.size * 8
+            scaled, total = self._blocks
             for name, array in arrays.items():
-                self._layout[name] = (offset, array.shape, array.dtype)
-                offset += array.size * 8
-        scaled, total = self._blocks
-        for name, array in arrays.items():
-            flat, offset = array.reshape(-1), self._layout[name][0]  # reshape(-1): a view if it can be
-            for start in range(0, flat.size, BLOCK):
-                size = min(BLOCK, flat.size - start)
-                np.multiply(flat[start : start + size], weight, out=scaled[:size], dtype=np.float64)
-                if not first:
-                    self._read(offset + start * 8, total[:size])
-                    scaled[:size] += total[:size]
-                self._write(offset + start * 8, scaled[:size])
+                flat, offset = array.reshape(-1), self._layout[name][0]  # reshape(-1): a view if it can be
+                for start in range(0, flat.size, BLOCK):
+                    size = min(BLOCK, flat.size - start)
+                    np.multiply(flat[start : start + size], weight, out=scaled[:size], dtype=np.float64)
+                    if not first:
+                        self._read(offset + start * 8, total[:size])
+                        scaled[:size] += total[:size]
+                    self._write(offset + start * 8, scaled[:size])
         self.total_weight += weight
         self.count += 1
 
@@ -99,19 +103,20 @@ class WeightedAverage:
         """The weighted mean in each array's own dtype, integer arrays rounded to the nearest integer (the
         average is used up)."""
         averaged = {}
-        for name, (offset, shape, dtype) in self._use().items():
-            out = np.empty(shape, dtype).reshape(-1)
-            total = self._blocks[0]
-            for start in range(0, out.size, BLOCK):
-                block = total[: min(BLOCK, out.size - start)]
-                self._read(offset + start * 8, block)
-                if np.issubdtype(dtype, np.integer):
-                    block /= self.total_weight
-                    out[start : start + block.size] = np.rint(block, out=block)
-                else:  # divided in float64 and cast in one pass
-                    np.divide(block, self.total_weight, out=out[start : start + block.size], casting="unsafe")
-            averaged[name] = out.reshape(shape)
-        self._close()
+        with self._on_disk():
+            for name, (offset, shape, dtype) in self._use().items():
+                out = np.empty(shape, dtype).reshape(-1)
+                total = self._blocks[0]
+                for start in range(0, out.size, BLOCK):
+                    block = total[: min(BLOCK, out.size - start)]
+                    self._read(offset + start * 8, block)
+                    if np.issubdtype(dtype, np.integer):
+                        block /= self.total_weight
+                        out[start : start + block.size] = np.rint(block, out=block)
+                    else:  # divided in float64 and cast in one pass
+                        np.divide(block, self.total_weight, out=out[start : start + block.size], casting="unsafe")
+                averaged[name] = out.reshape(shape)
+            self._close()
         return averaged
 
     def means(self) -> dict[str, np.ndarray]:
@@ -124,11 +129,20 @@ class WeightedAverage:
     def sums(self) -> dict[str, np.ndarray]:
         """The weighted sums in float64, read into memory (the average is used up)."""
         sums = {}
-        for name, (offset, shape, _) in self._use().items():
-            sums[name] = np.empty(shape, np.float64)
-            self._read(offset, sums[name].reshape(-1))
-        self._close()
+        with self._on_disk():
+            for name, (offset, shape, _) in self._use().items():
+                sums[name] = np.empty(shape, np.float64)
+                self._read(offset, sums[name].reshape(-1))
+            self._close()
         return sums
+
+    @contextlib.contextmanager
+    def _on_disk(self) -> Iterator[None]:
+        """The job cannot go on without its sums: a disk error (full, say) fails it, naming the folder."""
+        try:
+            yield
+        except OSError as exc:
+            raise JobFailed(f"cannot keep the average's sums in {self._folder}: {exc}") from exc
 
     def _use(self) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
         if not self.count:
@@ -145,7 +159,7 @@ class WeightedAverage:
         while done < len(view):
             read = self._file.readinto(view[done:])
             if not read:
-                raise OSError(f"the average's temporary file in {self._folder} ended early")
+                raise OSError("its temporary file ended early")
             done += read
 
     def _write(self, offset: int, data: np.ndarray) -> None:
