@@ -210,7 +210,7 @@ class FedAvg(Workflow):
                 models.save(f"local/{result.site}", result.weights)
 
         trained = self._collect(federation, TRAIN, round, sampled, self.train_payload(weights), add_trained)
-        del weights, add_trained
+        del weights  # also from add_trained, which shares the name
         model.weights = {}  # the round's model goes (an update that needs it kept it) before the next is made
         weights = model.weights = update.result()
         models.save("global", weights)
