@@ -239,6 +239,18 @@ def test_the_best_model_is_kept_without_a_copy_and_stays_when_global_moves_on(tm
     assert ModelStore(tmp_path / "models").paths.keys() == {"global", "best"}
 
 
+def test_a_model_written_in_the_background_is_complete_when_read_and_its_error_fails_the_job(tmp_path: Path) -> None:
+    models = ModelStore(tmp_path / "models")
+    weights = {"w": np.arange(1 << 20, dtype=np.float32)}
+    models.save("global", weights)
+    assert np.array_equal(saved(models), weights["w"]), "paths waits for the write"
+    # A model that cannot be written (its name taken by a folder) fails the job that saved it, naming the file.
+    (tmp_path / "job" / "models" / "global.pt").mkdir(parents=True)
+    with pytest.raises(JobFailed, match=r"cannot save the global model to .*global\.pt: .*directory"):
+        run(tmp_path / "job")
+    assert not list((tmp_path / "job" / "models").glob("*.partial")), "nothing half-written is left"
+
+
 class Recording:
     """The SiteLink of a test that hands a host its tasks itself: it keeps what the host sends back, as the
     wire carries it (encoded when sent)."""

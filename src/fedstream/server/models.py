@@ -1,8 +1,10 @@
 """Where the server keeps global models: PyTorch checkpoints that ``torch.load`` + ``load_state_dict`` read.
 
 PyTorch is imported when the first model is saved, so that a server which only aggregates (numpy) starts
-without it. After each completed round the workflow records a checkpoint (the round, its own state and that
-round's global model); a server restarted in the middle of a job resumes after it.
+without it. A model is written in the background while the workflow goes on (a round's validation tasks go
+out while its model is written); the store's next use waits for it. After each completed round the workflow
+records a checkpoint (the round, its own state and that round's global model); a server restarted in the
+middle of a job resumes after it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,17 +24,28 @@ CHECKPOINT = "checkpoint"
 
 
 class ModelStore:
-    """Saves named models (``global``, ``best``) as ``<folder>/<name>.pt`` state dicts, atomically."""
+    """Saves named models (``global``, ``best``) as ``<folder>/<name>.pt`` state dicts, atomically, one at a
+    time in the background."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.paths: dict[str, Path] = {path.stem: path for path in sorted(folder.glob("*.pt"))}
-        self.paths.update({f"local/{path.stem}": path for path in sorted(folder.glob("local/*.pt"))})
+        self._paths: dict[str, Path] = {path.stem: path for path in sorted(folder.glob("*.pt"))}
+        self._paths.update({f"local/{path.stem}": path for path in sorted(folder.glob("local/*.pt"))})
+        self._writer: threading.Thread | None = None
+        self._failed: Exception | None = None
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        """The saved models by name, once the model being saved is written (a save that failed names the file
+        it would have replaced, if any; :meth:`wait` raises its error)."""
+        self._join()
+        return self._paths
 
     def checkpoint(self, round: int, state: dict[str, Any], arrays: dict[str, Weights] | None = None) -> None:
         """Record that ``round`` is complete, with the workflow's ``state`` (JSON values) and named groups of
         ``arrays`` (an optimizer's moments), and the ``global`` model saved last (kept as a hard link: no copy,
         and later saves of ``global`` do not change it)."""
+        self.wait()
         folder = self.folder / CHECKPOINT
         folder.mkdir(parents=True, exist_ok=True)
         arrays_file = ""
@@ -39,7 +53,7 @@ class ModelStore:
             arrays_file = f"arrays-{round}.pt"
             flat = {f"{group}/{name}": array for group, named in arrays.items() for name, array in named.items()}
             self._write(folder / arrays_file, flat)
-        _link(self.paths["global"], folder / "global.pt")
+        _link(self._paths["global"], folder / "global.pt")
         partial = folder / "round.json.partial"
         partial.write_text(json.dumps({"round": round, "state": state, "arrays": arrays_file}))
         os.replace(partial, folder / "round.json")
@@ -67,19 +81,42 @@ class ModelStore:
         return int(data["round"]), dict(data["state"]), load_weights(folder / "global.pt"), arrays
 
     def save(self, name: str, weights: Weights) -> Path:
-        """Write ``weights`` as model ``name``; a reader never sees a half-written file."""
+        """Start writing ``weights`` (left unchanged until then) as model ``name``, once the model being
+        saved is written; a reader never sees a half-written file. Raises the error of the previous save."""
+        self.wait()
         path = self.folder / f"{name}.pt"
-        self._write(path, weights)
-        self.paths[name] = path
+
+        def write() -> None:
+            try:
+                self._write(path, weights)
+            except Exception as exc:  # raised by the next wait(), in the workflow's thread
+                self._failed = exc
+
+        self._writer = threading.Thread(target=write, name=f"save {name}")
+        self._writer.start()
+        self._paths[name] = path
         return path
+
+    def wait(self) -> None:
+        """Wait until the model being saved is written; raises :class:`JobFailed` if it could not be."""
+        self._join()
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
 
     def keep(self, name: str, source: str) -> Path:
         """Make model ``name`` the model ``source`` as saved now: a hard link, no copy (a later save of
         ``source`` replaces its file and leaves ``name`` as it is)."""
+        self.wait()
         path = self.folder / f"{name}.pt"
-        _link(self.paths[source], path)
-        self.paths[name] = path
+        _link(self._paths[source], path)
+        self._paths[name] = path
         return path
+
+    def _join(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
 
     def _write(self, path: Path, weights: Weights) -> None:
         import torch

@@ -202,6 +202,7 @@ class ServerRuntime:
                 startup_s = time.monotonic() - began
                 # built here and handed over: no reference stays here, so each round frees the model before it
                 self.components.workflow.run(federation, models, initial_weights(self.job))
+                models.wait()  # the last model it saved is written
                 link.close()
             except KeyboardInterrupt:
                 how = "SIGTERM" if self._signal == signal.SIGTERM else "Ctrl-C"
