@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -562,6 +563,12 @@ def test_connections_cut_in_the_middle_of_model_transfers_cost_nothing(tmp_path:
     for summary in status["result"]["rounds"]:
         assert summary["clients"] == ["site-1", "site-2"] and summary["failed"] == []
     assert status["result"]["membership"] == []
+    # A model's transfer is logged by the end that received it, with its size and rate.
+    server_log = (tmp_path / "ws" / "server" / "jobs" / job_id / "log.txt").read_text()
+    site_log = (tmp_path / "ws" / "site-1" / "jobs" / job_id / "log.txt").read_text()
+    came_in = r"came in: 9\.5 MiB in [\d.]+ s \([\d,]+ MiB/s\)"
+    assert re.search(rf"site-1: the result of 2\.train\.site-1\.\d+ {came_in}", server_log), server_log
+    assert re.search(rf"task 2\.validate\.site-1\.\d+ {came_in}", site_log), site_log
 
 
 def test_sites_reach_the_server_through_an_https_proxy(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,25 @@ def read_chunks(file: BinaryIO) -> Iterator[bytes]:
     with file:
         while chunk := file.read(CHUNK_BYTES):
             yield chunk
+
+
+class Arrival:
+    """A stream of chunks, timed from its first chunk (a long poll's wait for a message is not counted)."""
+
+    def __init__(self, pieces: Iterable[bytes]) -> None:
+        self._pieces = pieces
+        self._began: float | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self._pieces:
+            if self._began is None:
+                self._began = time.monotonic()
+            yield piece
+
+    def rate(self, size: int) -> str:
+        """How ``size`` bytes took since the first chunk, for the log: ``256.0 MiB in 0.32 s (800 MiB/s)``."""
+        seconds = time.monotonic() - self._began if self._began is not None else 0.0
+        return f"{size / 2**20:,.1f} MiB in {seconds:.2f} s ({size / 2**20 / max(seconds, 1e-6):,.0f} MiB/s)"
 
 
 class TooLarge(Exception):

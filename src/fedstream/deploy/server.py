@@ -434,10 +434,13 @@ class FederationServer:
         link, instance = self._job_for(site, context)
         limit = max(self.settings.max_message_bytes, EVENTS_LIMIT)  # the limit is the results': events always pass
         try:
-            frame = protocol.join_chunks(request, limit, spool=self.root)  # N sites' results wait on disk
+            arrival = protocol.Arrival(request)
+            frame = protocol.join_chunks(arrival, limit, spool=self.root)  # N sites' results wait on disk
             message = decode(frame, max_bytes=limit)
             if isinstance(message, Result) and len(frame) > self.settings.max_message_bytes:
                 raise protocol.TooLarge(f"over the limit of {self.settings.max_message_bytes / 2**20:,.1f} MiB")
+            if isinstance(message, Result) and len(frame) > protocol.CHUNK_BYTES:
+                log.info("%s: the result of %s came in: %s", site, message.task_id, arrival.rate(len(frame)))
         except protocol.TooLarge as exc:
             log.error("%s sent a message %s; refused", site, exc)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{site}: the message is {exc}")

@@ -163,8 +163,8 @@ class GrpcSiteLink:
         while not self._stop.is_set():
             request = protocol.to_json({"have": self._have, "wait_s": self._poll_s})
             try:
-                stream = self._poll(request, metadata=self._metadata, timeout=self._poll_s + 30)
-                frame = protocol.join_chunks(stream, self._max_frame_bytes, self._spool)
+                arrival = protocol.Arrival(self._poll(request, metadata=self._metadata, timeout=self._poll_s + 30))
+                frame = protocol.join_chunks(arrival, self._max_frame_bytes, self._spool)
             except grpc.RpcError as exc:
                 if self._fatal(exc):
                     return
@@ -186,6 +186,8 @@ class GrpcSiteLink:
                 continue
             message = decode(frame, max_bytes=self._max_frame_bytes)
             if isinstance(message, Task):
+                if len(frame) > protocol.CHUNK_BYTES:
+                    log.info("task %s came in: %s", message.id, arrival.rate(len(frame)))
                 self._have = message.id
                 self._kinds[message.id] = message.kind
                 self._endpoint.task_received(message)
