@@ -15,6 +15,7 @@ from fedstream.errors import FedstreamError
 from fedstream.events import EventBus, Forwarded
 from fedstream.messages import TASK_STARTED, EventBatch, WireEvent
 from fedstream.server.inbox import Inbox
+from fedstream.server.journal import EventJournal
 from fedstream.site import journal as journal_module
 from fedstream.site.journal import Journal
 from fedstream.site.outbox import Forwarder, Outbox
@@ -126,6 +127,14 @@ def test_a_batch_after_a_gap_is_not_handled() -> None:
     assert seen[-1].data["n"] == 10
 
 
+def started(task: str) -> WireEvent:
+    return WireEvent(TASK_STARTED, {"task": task})
+
+
+def record(kind: str, key: str, step: int, value: Any) -> WireEvent:
+    return WireEvent("fed.analytics", {"kind": kind, "key": key, "step": step, "value": value})
+
+
 def test_a_task_run_again_logs_only_the_steps_its_first_run_had_not() -> None:
     # A site's process is killed in the middle of task T (after steps 0-2 of "loss", and the param); its next
     # process runs T again and logs steps 0-4 and the param again. Then task U logs from step 0 anew.
@@ -133,13 +142,6 @@ def test_a_task_run_again_logs_only_the_steps_its_first_run_had_not() -> None:
     seen: list[Forwarded] = []
     bus.subscribe("fed.analytics", seen.append)
     inbox = Inbox(bus)
-
-    def started(task: str) -> WireEvent:
-        return WireEvent(TASK_STARTED, {"task": task})
-
-    def record(kind: str, key: str, step: int, value: Any) -> WireEvent:
-        return WireEvent("fed.analytics", {"kind": kind, "key": key, "step": step, "value": value})
-
     first = [started("T"), record("param", "lr", 0, "0.1"), *(record("metric", "loss", n, 1) for n in range(3))]
     second = [started("T"), record("param", "lr", 0, "0.1"), *(record("metric", "loss", n, 2) for n in range(5))]
     second += [record("metric", "acc", 0, 2), WireEvent("fed.analytics", {"key": "no step", "value": 2})]
@@ -208,6 +210,33 @@ def test_batches_stay_small_when_events_carry_long_texts() -> None:
     assert [event.data["n"] for event in seen] == list(range(12))
     assert link.sent >= 3, "a batch closes at about 4 MB, not at 1000 events"
     outbox.close(stall_timeout_s=5)
+
+
+def test_a_restarted_server_still_knows_what_a_task_logged_when_the_sites_process_restarts_too(tmp_path: Path) -> None:
+    # The server and site-1's process are both killed in the middle of task T, after steps 0-2 of "loss" (the
+    # first run); the next server reads its journal, and site-1's next process runs T again: steps 0-4.
+    path = tmp_path / "events.jsonl"
+
+    def server() -> tuple[Inbox, list[Any]]:
+        bus, seen = EventBus(), []
+        bus.subscribe("fed.analytics", lambda event: seen.append((event.data["step"], event.data["value"])))
+        journal = EventJournal(path, lambda: None)
+        journal.open()
+        return Inbox(bus, journal), seen
+
+    inbox, seen = server()
+    inbox.receive(
+        "site-1", EventBatch("site-1", "s1", 1, [started("T"), *(record("metric", "loss", n, 1) for n in range(3))])
+    )
+    assert seen == [(0, 1), (1, 1), (2, 1)]
+    inbox, seen = server()  # restarted
+    second = [started("T"), *(record("metric", "loss", n, 2) for n in range(5))]
+    inbox.receive("site-1", EventBatch("site-1", "s2", 1, second))  # a new process: a new session
+    assert seen == [(3, 2), (4, 2)], "the steps the first run logged are not logged again"
+    assert inbox.repeats["site-1"] == 3
+    inbox, seen = server()  # restarted again, in the middle of the second run
+    inbox.receive("site-1", EventBatch("site-1", "s3", 1, second))
+    assert seen == [], "what the second run logged is not logged again either"
 
 
 def test_a_new_server_takes_a_sessions_events_from_where_they_stand() -> None:

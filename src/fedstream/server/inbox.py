@@ -17,8 +17,8 @@ in its next process (the server sends it again), and its code logs the same step
 with a ``key`` and a ``step``) of such a second run is dropped when the first run logged its series (event
 name, kind and key) at that step or a later one. The first run's records stand, the second adds only the
 steps the first had not reached, and nothing is logged twice. The count of dropped records is ``repeats``.
-This state is in memory only: a server restarted while a site's process also restarts in the middle of the
-same task does not know what the first run logged.
+What each site's current task has logged is recorded in the journal with each batch, so a server restarted
+while a site's process also restarts in the middle of the same task still knows what the first run logged.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Inbox:
             self._sessions[site], self._handled[site] = session, handled
         self._lock = threading.Lock()  # one batch at a time: events reach the receivers in journal order
         self._tasks: dict[str, _TaskSteps] = defaultdict(_TaskSteps)
+        for site, steps in (journal.tasks if journal else {}).items():
+            self._tasks[site] = _TaskSteps.restore(steps)
         self.received: dict[str, int] = defaultdict(int)
         self.duplicates: dict[str, int] = defaultdict(int)
         self.repeats: dict[str, int] = defaultdict(int)
@@ -75,7 +77,8 @@ class Inbox:
             self.duplicates[site] += min(skip, len(batch.events))
             arrived = batch.events[skip:]
             self._handled[site] = handled + len(arrived)
-            fresh, repeats = self._tasks[site].new(site, arrived)
+            steps = self._tasks[site]
+            fresh, repeats = steps.new(site, arrived)
             self.repeats[site] += repeats
 
             def fire(at: int) -> None:
@@ -83,7 +86,8 @@ class Inbox:
                     self._bus.fire(Forwarded(event.name, site, event.data, at + i if at else 0))
 
             if self._journal is not None and self._handled[site] > handled:  # also for markers alone
-                self._journal.append(site, batch.session, self._handled[site], fresh, fire)
+                task = steps.record() if steps.task else None
+                self._journal.append(site, batch.session, self._handled[site], fresh, fire, task)
             else:
                 fire(0)
             self.received[site] += len(fresh)
@@ -119,6 +123,23 @@ class _TaskSteps:
                 self.last[series] = max(step, self.last.get(series, step))
             kept.append(event)
         return kept, repeats
+
+    def record(self) -> dict[str, Any]:
+        """This state as JSON values (for the journal): the task, and each series' last and logged steps."""
+        return {
+            "task": self.task,
+            "last": [[*series, step] for series, step in self.last.items()],
+            "logged": [[*series, step] for series, step in self.logged.items()],
+        }
+
+    @classmethod
+    def restore(cls, record: dict[str, Any]) -> _TaskSteps:
+        """The state :meth:`record` gave."""
+
+        def steps(entries: list[list[Any]]) -> dict[tuple[str, Any, Any], int]:
+            return {(str(name), kind, key): int(step) for name, kind, key, step in entries}
+
+        return cls(str(record["task"]), steps(record["last"]), steps(record["logged"]))
 
     def _started(self, site: str, task: str) -> None:
         if task != self.task:

@@ -15,9 +15,14 @@ is so given again what it wrote in the instant before its mark was recorded, and
 SQL stores keep a metric logged twice with the same step, time and value once, and TensorBoard's receiver
 finds in its files how far it has written (:mod:`fedstream.tracking.tensorboard_receiver`).
 
-Lines (:mod:`fedstream.jsonlines`): ``{"next": P, "sites": {site: [session, handled]}, "marks": {name: P},
-"last_round": R}`` first; then ``{"at": P, "site", "session", "handled", "events": [[name, data], ...]}`` for
-a batch whose first event has position P, ``{"at": P, "round": summary}`` for a completed round, and
+The inbox also records, with each batch, what the site's current task has logged (see
+:mod:`fedstream.server.inbox`): a server restarted while the site's process also restarts in the middle of
+that task still drops the steps the task's first run logged.
+
+Lines (:mod:`fedstream.jsonlines`): ``{"next": P, "sites": {site: [session, handled]}, "tasks": {site:
+steps}, "marks": {name: P}, "last_round": R}`` first; then ``{"at": P, "site", "session", "handled",
+"events": [[name, data], ...], "task": steps}`` for a batch whose first event has position P (``task`` only
+for a site that marks its tasks), ``{"at": P, "round": summary}`` for a completed round, and
 ``{"receiver": name, "below": P}`` for a mark. The file is written anew without what every receiver has
 written after every 100,000 events, and removed when the job ends."""
 
@@ -43,9 +48,9 @@ COMPACT_EVERY = 100_000
 
 @dataclass
 class Taken:
-    """What the journal holds: each site's session and last handled number, each receiver's mark, and the
-    events by position from the oldest one kept: the sites' (with their site) and the completed rounds; and
-    the last round recorded."""
+    """What the journal holds: each site's session and last handled number, what each site's current task has
+    logged, each receiver's mark, and the events by position from the oldest one kept: the sites' (with their
+    site) and the completed rounds; and the last round recorded."""
 
     sites: dict[str, tuple[str, int]] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)
@@ -53,6 +58,7 @@ class Taken:
     rounds: list[tuple[int, RoundSummary]] = field(default_factory=list)
     next: int = 1
     last_round: int = 0
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def unwritten(self, receiver: str, kinds: Collection[str]) -> list[Event]:
         """The events of ``kinds`` that ``receiver`` had not written, as they were fired the first time."""
@@ -68,7 +74,13 @@ class Taken:
 
     def copy(self) -> Taken:
         return Taken(
-            dict(self.sites), dict(self.marks), list(self.events), list(self.rounds), self.next, self.last_round
+            dict(self.sites),
+            dict(self.marks),
+            list(self.events),
+            list(self.rounds),
+            self.next,
+            self.last_round,
+            dict(self.tasks),
         )
 
 
@@ -96,6 +108,12 @@ class EventJournal:
         with self._lock:
             return dict(self._state.sites)
 
+    @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        """What each site's current task has logged, as the inbox recorded it."""
+        with self._lock:
+            return dict(self._state.tasks)
+
     def open(self) -> Taken:
         """Take over what an earlier process of the server left for this job (nothing: empty) and begin the
         file anew with it."""
@@ -108,14 +126,26 @@ class EventJournal:
             return self._state.copy()
 
     def append(
-        self, site: str, session: str, handled: int, events: Sequence[WireEvent], hand_over: Callable[[int], None]
+        self,
+        site: str,
+        session: str,
+        handled: int,
+        events: Sequence[WireEvent],
+        hand_over: Callable[[int], None],
+        task: dict[str, Any] | None = None,
     ) -> None:
-        """Record ``events`` of ``site`` (``handled`` is its last number after them), then call ``hand_over``
-        with the position of the first, before anything else is recorded."""
-        line = {"site": site, "session": session, "handled": handled, "events": [[e.name, e.data] for e in events]}
+        """Record ``events`` of ``site`` (``handled`` is its last number after them; ``task``, what its current
+        task has logged with them), then call ``hand_over`` with the position of the first, before anything
+        else is recorded."""
+        line: dict[str, Any] = {"site": site, "session": session, "handled": handled}
+        line["events"] = [[e.name, e.data] for e in events]
+        if task is not None:
+            line["task"] = task
         with self._order:
             with self._lock:
                 self._state.sites[site] = (session, handled)
+                if task is not None:
+                    self._state.tasks[site] = task
                 at = self._record(line, len(events))
             hand_over(at)
 
@@ -166,7 +196,13 @@ class EventJournal:
     def _rewrite(self, held: Taken) -> None:
         """Begin the file anew with the state and the events of ``held``."""
         state = self._state
-        header = {"next": state.next, "sites": state.sites, "marks": state.marks, "last_round": state.last_round}
+        header = {
+            "next": state.next,
+            "sites": state.sites,
+            "tasks": state.tasks,
+            "marks": state.marks,
+            "last_round": state.last_round,
+        }
         lines: list[tuple[int, dict[str, Any]]] = [
             *((at, {"at": at, "site": site, "events": [[e.name, e.data]]}) for at, site, e in held.events),
             *((at, {"at": at, "round": asdict(summary)}) for at, summary in held.rounds),
@@ -181,7 +217,14 @@ def _parse(entry: Any) -> dict[str, Any]:
     if "next" in entry:
         sites = {str(site): (str(session), int(handled)) for site, (session, handled) in entry["sites"].items()}
         marks = {str(name): int(below) for name, below in entry["marks"].items()}
-        return {"next": int(entry["next"]), "sites": sites, "marks": marks, "last_round": int(entry["last_round"])}
+        tasks = {str(site): dict(steps) for site, steps in entry.get("tasks", {}).items()}
+        return {
+            "next": int(entry["next"]),
+            "sites": sites,
+            "tasks": tasks,
+            "marks": marks,
+            "last_round": int(entry["last_round"]),
+        }
     if "round" in entry:
         data = dict(entry["round"])
         data["failed"] = [Failure(**failure) for failure in data["failed"]]
@@ -193,6 +236,8 @@ def _parse(entry: Any) -> dict[str, Any]:
     }
     if "session" in entry:
         batch["session"] = (str(entry["session"]), int(entry["handled"]))
+    if "task" in entry:
+        batch["task"] = dict(entry["task"])
     return batch
 
 
@@ -203,7 +248,9 @@ def _fold(entries: list[dict[str, Any]]) -> Taken:
         if "receiver" in entry:
             state.marks[entry["receiver"]] = entry["below"]
         elif "next" in entry:
-            state = Taken(entry["sites"], entry["marks"], next=entry["next"], last_round=entry["last_round"])
+            state = Taken(
+                entry["sites"], entry["marks"], next=entry["next"], last_round=entry["last_round"], tasks=entry["tasks"]
+            )
         elif "round" in entry:
             state.rounds.append((entry["at"], entry["round"]))
             state.next = max(state.next, entry["at"] + 1)
@@ -213,4 +260,6 @@ def _fold(entries: list[dict[str, Any]]) -> Taken:
             state.next = max(state.next, entry["at"] + len(entry["events"]))
             if "session" in entry:
                 state.sites[entry["site"]] = entry["session"]
+            if "task" in entry:
+                state.tasks[entry["site"]] = entry["task"]
     return state
