@@ -174,8 +174,9 @@ class TurnTrainer(Trainer):
     \"\"\"Every task takes ``seconds``; in round 1, ``hang`` sites hang, ``crash`` sites kill their worker, and
     ``kill_client`` sites log ``progress`` at steps 0-299, then kill their deployed client (a SIGKILL of the
     parent, which this process does not outlive) before those events could leave; the task sent again to the
-    restarted site logs steps 0-399 (the value is the run: 1 or 2) and trains normally. Each task logs
-    ``turn`` at ``steps`` steps of its own, and a text of ``text_kb`` thousand characters first.\"\"\"
+    restarted site logs steps 0-399 (the value is the run: 1 or 2) and trains normally; ``hold`` sites do the
+    same but, instead of killing their client, wait to be killed with it. Each task logs ``turn`` at ``steps``
+    steps of its own, and a text of ``text_kb`` thousand characters first.\"\"\"
 
     def __init__(
         self,
@@ -184,10 +185,12 @@ class TurnTrainer(Trainer):
         hang: list[str] = [],
         crash: list[str] = [],
         kill_client: list[str] = [],
+        hold: list[str] = [],
         steps: int = 0,
         text_kb: int = 0,
     ) -> None:
         self.seconds, self.hang, self.crash, self.kill_client = seconds, hang, crash, kill_client
+        self.hold = hold
         self.steps, self.text_kb = steps, text_kb
 
     def train(self, task):
@@ -199,13 +202,14 @@ class TurnTrainer(Trainer):
             time.sleep(600)
         if task.round == 1 and self.site.name in self.crash:
             os.kill(os.getpid(), 9)
-        if task.round == 1 and self.site.name in self.kill_client:
+        if task.round == 1 and self.site.name in self.kill_client + self.hold:
             killed = self.site.workspace / "killed"
             for step in range(400 if killed.exists() else 300):
                 MLflowWriter().log_metric("progress", 2.0 if killed.exists() else 1.0, step=step)
             if not killed.exists():
                 killed.touch()
-                os.kill(os.getppid(), 9)
+                if self.site.name in self.kill_client:
+                    os.kill(os.getppid(), 9)
                 time.sleep(600)
         time.sleep(self.seconds)
         return TrainOutput(num_samples=1)

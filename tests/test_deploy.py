@@ -659,6 +659,31 @@ def test_a_server_killed_in_the_first_round_starts_it_again_and_loses_or_repeats
     assert not journal.exists(), "the job ended: its journal is removed"
 
 
+def test_a_server_and_a_site_killed_together_mid_task_log_no_step_twice(tmp_path: Path) -> None:
+    # site-2 logs steps 0-299 in round 1 and waits; once the server has them, the server and site-2's client
+    # are killed (SIGKILL) and started again. The new server sends round 1's task again under its id, and
+    # site-2's new process runs it again, logging steps 0-399: the new server knows from its journal what the
+    # first run logged, so MLflow gets the first run's 300 steps once, and the second's last 100.
+    job = turns_job(tmp_path, rounds=1, trainer_args='hold = ["site-2"]')
+    sets = ["server.receivers.mlflow.path=fedstream.tracking.MLflowReceiver"]
+    with federation(tmp_path / "ws", 2) as local:
+        job_id = local.admin.submit(job, sets, ["site-1", "site-2"])
+        journal = tmp_path / "ws" / "server" / "jobs" / job_id / "server" / "events.jsonl"
+        wait_for(lambda: journal.is_file() and b'"step":299' in journal.read_bytes(), "the first run's steps")
+        local.restart("server", signal.SIGKILL)
+        local.restart("site-2", signal.SIGKILL)
+        status = local.admin.follow(job_id, lambda status: None)
+    assert status["state"] == "completed", status["result"]["error"]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("turns")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    (site_2,) = [run for run in runs if run.info.run_name == "site-2"]
+    history = client.get_metric_history(site_2.info.run_id, "progress")
+    assert sorted((m.step, m.value) for m in history) == [(step, 1.0 if step < 300 else 2.0) for step in range(400)]
+    assert status["result"]["tracking"]["events"]["repeats"]["site-2"] == 300
+
+
 def test_an_admin_reads_the_log_and_downloads_the_outputs(deployment: Any, tmp_path: Path) -> None:
     workspace, admin = deployment
     job_id = admin.submit(turns_job(tmp_path), [], ["site-1", "site-2"])
