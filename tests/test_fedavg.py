@@ -244,6 +244,9 @@ def test_a_model_written_in_the_background_is_complete_when_read_and_its_error_f
     weights = {"w": np.arange(1 << 20, dtype=np.float32)}
     models.save("global", weights)
     assert np.array_equal(saved(models), weights["w"]), "paths waits for the write"
+    models.save("odd", {"w": np.array(["text"])})  # any error of the write is the server's: the job fails
+    with pytest.raises(JobFailed, match=r"cannot save the odd model to .*odd\.pt: TypeError: can't convert"):
+        models.wait()
     # A model that cannot be written (its name taken by a folder) fails the job that saved it, naming the file.
     (tmp_path / "job" / "models" / "global.pt").mkdir(parents=True)
     with pytest.raises(JobFailed, match=r"cannot save the global model to .*global\.pt: .*directory"):

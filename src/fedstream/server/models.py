@@ -32,7 +32,7 @@ class ModelStore:
         self._paths: dict[str, Path] = {path.stem: path for path in sorted(folder.glob("*.pt"))}
         self._paths.update({f"local/{path.stem}": path for path in sorted(folder.glob("local/*.pt"))})
         self._writer: threading.Thread | None = None
-        self._failed: Exception | None = None
+        self._failed: JobFailed | None = None
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -89,8 +89,12 @@ class ModelStore:
         def write() -> None:
             try:
                 self._write(path, weights)
-            except Exception as exc:  # raised by the next wait(), in the workflow's thread
+            except JobFailed as exc:  # raised by the next wait(), in the workflow's thread
                 self._failed = exc
+            except Exception as exc:  # the server's failure, not that of a result being checked when it is raised
+                failed = JobFailed(f"cannot save the {name} model to {path}: {type(exc).__name__}: {exc}")
+                failed.__cause__ = exc
+                self._failed = failed
 
         self._writer = threading.Thread(target=write, name=f"save {name}")
         self._writer.start()
