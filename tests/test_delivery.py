@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -237,6 +238,30 @@ def test_a_restarted_server_still_knows_what_a_task_logged_when_the_sites_proces
     inbox, seen = server()  # restarted again, in the middle of the second run
     inbox.receive("site-1", EventBatch("site-1", "s3", 1, second))
     assert seen == [], "what the second run logged is not logged again either"
+
+
+def test_a_damaged_task_record_in_the_journal_is_refused_like_any_damaged_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "events.jsonl"
+    journal = EventJournal(path, lambda: None)
+    journal.open()
+    steps = {"task": "T", "last": [["fed.analytics", "metric", "loss", 0]], "logged": []}
+    journal.append("site-1", "s1", 1, [record("metric", "loss", 0, 1)], lambda at: None, steps)
+    damaged = {
+        "at": 2,
+        "site": "site-1",
+        "session": "s1",
+        "handled": 2,
+        "events": [],
+        "task": {"task": "T", "last": [["x"]]},
+    }
+    with path.open("a") as file:
+        file.write(json.dumps(damaged) + "\n")
+    again = EventJournal(path, lambda: None)
+    again.open()
+    assert again.tasks == {"site-1": steps} and again.sites == {"site-1": ("s1", 1)}
+    assert "line 3 is damaged" in caplog.text
 
 
 def test_a_new_server_takes_a_sessions_events_from_where_they_stand() -> None:

@@ -134,12 +134,12 @@ class _TaskSteps:
 
     @classmethod
     def restore(cls, record: dict[str, Any]) -> _TaskSteps:
-        """The state :meth:`record` gave."""
+        """The state :meth:`record` gave (as the journal read it back, checked)."""
 
         def steps(entries: list[list[Any]]) -> dict[tuple[str, Any, Any], int]:
-            return {(str(name), kind, key): int(step) for name, kind, key, step in entries}
+            return {(name, kind, key): step for name, kind, key, step in entries}
 
-        return cls(str(record["task"]), steps(record["last"]), steps(record["logged"]))
+        return cls(record["task"], steps(record["last"]), steps(record["logged"]))
 
     def _started(self, site: str, task: str) -> None:
         if task != self.task:

@@ -217,7 +217,7 @@ def _parse(entry: Any) -> dict[str, Any]:
     if "next" in entry:
         sites = {str(site): (str(session), int(handled)) for site, (session, handled) in entry["sites"].items()}
         marks = {str(name): int(below) for name, below in entry["marks"].items()}
-        tasks = {str(site): dict(steps) for site, steps in entry.get("tasks", {}).items()}
+        tasks = {str(site): _task_steps(steps) for site, steps in entry.get("tasks", {}).items()}
         return {
             "next": int(entry["next"]),
             "sites": sites,
@@ -237,8 +237,17 @@ def _parse(entry: Any) -> dict[str, Any]:
     if "session" in entry:
         batch["session"] = (str(entry["session"]), int(entry["handled"]))
     if "task" in entry:
-        batch["task"] = dict(entry["task"])
+        batch["task"] = _task_steps(entry["task"])
     return batch
+
+
+def _task_steps(value: Any) -> dict[str, Any]:
+    """A site's task steps as the inbox recorded them, checked (a damaged line is refused here)."""
+
+    def series(entries: Any) -> list[list[Any]]:
+        return [[str(name), kind, key, int(step)] for name, kind, key, step in entries]
+
+    return {"task": str(value["task"]), "last": series(value["last"]), "logged": series(value["logged"])}
 
 
 def _fold(entries: list[dict[str, Any]]) -> Taken:
