@@ -5,8 +5,9 @@ writes bench/results/journal.md.
 
 1. Site: ``Outbox.put`` of 200,000 metric events (as ``log_metric`` makes them), delivered to an inbox in
    the same process, with the site's journal against without it.
-2. Server: ``Inbox.receive`` of the same events in batches of 1,000 (as sites send them), fired to a
-   subscriber that keeps them, with the server's journal against without it.
+2. Server: ``Inbox.receive`` of the same events in batches of 1,000 (as sites send them), after a task's
+   marker (as a deployed site's task begins: the inbox tracks the task's steps, and the journal records them
+   with each batch), fired to a subscriber that keeps them, with the server's journal against without it.
 
 Each pair runs alternating, ``--repeat`` times; the table holds medians of the cost per event and their ratio.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 from measure import REPO, start, write_results
 
 from fedstream.events import EventBus
-from fedstream.messages import EventBatch, WireEvent
+from fedstream.messages import TASK_STARTED, EventBatch, WireEvent
 from fedstream.server.inbox import Inbox
 from fedstream.server.journal import EventJournal
 from fedstream.site.outbox import Outbox
@@ -65,10 +66,8 @@ def server(journal: Path | None) -> float:
         events = EventJournal(journal, lambda: None)
         events.open()
     inbox = Inbox(bus, events)
-    batches = [
-        EventBatch("site-1", "s", first, [metric(step) for step in range(first, first + BATCH)])
-        for first in range(1, EVENTS + 1, BATCH)
-    ]
+    sent = [WireEvent(TASK_STARTED, {"task": "1.train.site-1.1"}), *(metric(step) for step in range(EVENTS))]
+    batches = [EventBatch("site-1", "s", at + 1, sent[at : at + BATCH]) for at in range(0, len(sent), BATCH)]
     began = time.perf_counter()
     for batch in batches:
         inbox.receive("site-1", batch)
