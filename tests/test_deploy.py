@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedstream.config import load_job
@@ -82,12 +83,17 @@ def _scalars(logdir: Path) -> dict[str, int]:
     return counts
 
 
+def job_runs(client: MlflowClient, experiment_name: str, job_id: str) -> list[Run]:
+    """The MLflow runs of job ``job_id`` in its experiment (read back with MLflow's client)."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    assert experiment is not None
+    return list(client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'"))
+
+
 def _mlflow_counts(job_id: str) -> dict[str, int]:
     """Metric values per run of the job (read back with MLflow's client), by run name."""
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("hello-pt-experiment")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    runs = job_runs(client, "hello-pt-experiment", job_id)
     assert len(runs) == 3  # the server's run and one per site
     counts = {}
     for run in runs:
@@ -470,9 +476,7 @@ def test_a_client_killed_mid_round_and_restarted_loses_and_repeats_no_record(tmp
     assert [r["clients"] for r in status["result"]["rounds"]] == [["site-1", "site-2"]] * 2
     assert all(not r["failed"] for r in status["result"]["rounds"])
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("turns")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    runs = job_runs(client, "turns", job_id)
     (site_2,) = [run for run in runs if run.info.run_name == "site-2"]
     history = client.get_metric_history(site_2.info.run_id, "progress")
     assert sorted((m.step, m.value) for m in history) == [(step, 1.0 if step < 300 else 2.0) for step in range(400)]
@@ -610,9 +614,7 @@ def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_p
     assert [r["round"] for r in result["rounds"]] == [1, 2, 3, 4]
     assert all(r["clients"] == ["site-1", "site-2"] for r in result["rounds"][result["resumed_after_round"] :])
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("turns")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    runs = job_runs(client, "turns", job_id)
     (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     assert parent.info.status == "FINISHED" and parent.info.run_id == result["tracking"]["mlflow"]["parent_run_id"]
     steps = sorted(m.step for m in client.get_metric_history(parent.info.run_id, "accuracy"))
@@ -649,9 +651,7 @@ def test_a_server_killed_in_the_first_round_starts_it_again_and_loses_or_repeats
     assert status["state"] == "completed", result["error"]
     assert [r["round"] for r in result["rounds"]] == [1, 2] and "resumed_after_round" not in result
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("turns")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    runs = job_runs(client, "turns", job_id)
     for site in ("site-1", "site-2"):
         (run,) = [run for run in runs if run.info.run_name == site]
         turns = sorted(m.step for m in client.get_metric_history(run.info.run_id, "turn"))
@@ -675,9 +675,7 @@ def test_a_server_and_a_site_killed_together_mid_task_log_no_step_twice(tmp_path
         status = local.admin.follow(job_id, lambda status: None)
     assert status["state"] == "completed", status["result"]["error"]
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("turns")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id], f"tags.`fedstream.job_id` = '{job_id}'")
+    runs = job_runs(client, "turns", job_id)
     (site_2,) = [run for run in runs if run.info.run_name == "site-2"]
     history = client.get_metric_history(site_2.info.run_id, "progress")
     assert sorted((m.step, m.value) for m in history) == [(step, 1.0 if step < 300 else 2.0) for step in range(400)]

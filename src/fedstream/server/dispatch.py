@@ -19,6 +19,10 @@ from fedstream.errors import JobFailed
 from fedstream.events import EventBus
 from fedstream.messages import Failure, Result, Task
 
+WAKE_S = 0.5
+"""The longest the workflow waits for a reply at once: Python runs a signal's handler (Ctrl-C, SIGTERM) only
+when the main thread runs, and a wait with no end is not woken when the signal goes to another thread."""
+
 log = logging.getLogger(__name__)
 
 
@@ -116,7 +120,7 @@ class Dispatch:
             if expired is not None:
                 return expired
             try:
-                task_id, result, at = self._inbound.get(timeout=self._until_next_deadline(now))
+                task_id, result, at = self._inbound.get(timeout=min(self._until_next_deadline(now), WAKE_S))
             except queue.Empty:
                 continue
             if task_id not in self.pending:
@@ -174,6 +178,6 @@ class Dispatch:
                 return self._done(Reply(task.site, task.kind, task.round, None, failure, now - self._started[task_id]))
         return None
 
-    def _until_next_deadline(self, now: float) -> float | None:
+    def _until_next_deadline(self, now: float) -> float:
         deadlines = [d[0] for task_id in self.pending if (d := self._deadline(task_id)) is not None]
-        return max(0.0, min(deadlines) - now) if deadlines else None
+        return max(0.0, min(deadlines) - now) if deadlines else float("inf")
