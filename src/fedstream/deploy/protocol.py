@@ -84,8 +84,11 @@ class Arrival:
                 self._began = time.monotonic()
             yield piece
 
-    def rate(self, size: int) -> str:
-        """How ``size`` bytes took since the first chunk, for the log: ``256.0 MiB in 0.32 s (800 MiB/s)``."""
+    def rate(self, size: int) -> str | None:
+        """How ``size`` bytes took since the first chunk, for the log: ``256.0 MiB in 0.32 s (800 MiB/s)``; None
+        for a message of one chunk (its time says nothing about the link)."""
+        if size <= CHUNK_BYTES:
+            return None
         seconds = time.monotonic() - self._began if self._began is not None else 0.0
         return f"{size / 2**20:,.1f} MiB in {seconds:.2f} s ({size / 2**20 / max(seconds, 1e-6):,.0f} MiB/s)"
 

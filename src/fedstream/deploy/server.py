@@ -439,8 +439,8 @@ class FederationServer:
             message = decode(frame, max_bytes=limit)
             if isinstance(message, Result) and len(frame) > self.settings.max_message_bytes:
                 raise protocol.TooLarge(f"over the limit of {self.settings.max_message_bytes / 2**20:,.1f} MiB")
-            if isinstance(message, Result) and len(frame) > protocol.CHUNK_BYTES:
-                log.info("%s: the result of %s came in: %s", site, message.task_id, arrival.rate(len(frame)))
+            if isinstance(message, Result) and (rate := arrival.rate(len(frame))):
+                log.info("%s: the result of %s came in: %s", site, message.task_id, rate)
         except protocol.TooLarge as exc:
             log.error("%s sent a message %s; refused", site, exc)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{site}: the message is {exc}")

@@ -186,8 +186,8 @@ class GrpcSiteLink:
                 continue
             message = decode(frame, max_bytes=self._max_frame_bytes)
             if isinstance(message, Task):
-                if len(frame) > protocol.CHUNK_BYTES:
-                    log.info("task %s came in: %s", message.id, arrival.rate(len(frame)))
+                if rate := arrival.rate(len(frame)):
+                    log.info("task %s came in: %s", message.id, rate)
                 self._have = message.id
                 self._kinds[message.id] = message.kind
                 self._endpoint.task_received(message)
