@@ -5,12 +5,13 @@
 (a) hello-pt, 2 sites x 5,000 images, 2 rounds, batch 4: ``fedstream poc`` (a server and 2 clients as
     processes over mutual TLS, provisioning included) against ``fedstream simulate -t 2``, alternating;
 (c) a near-zero job (1 round, 64 images per site), the same way: poc's whole command, start to end;
-(g) a 256 MiB model server -> site -> server -> site (train, then validate), one site under poc: the second
+(g) a 1 GiB model server -> site -> server -> site (train, then validate), one site under poc: the second
     round's time (the first also waits for the site's process to start) against a raw Python TLS socket
-    moving the same 768 MiB over loopback in the same run; the same round's three transfers alone (from each
+    moving the same 3 GiB over loopback in the same run; the same round's three transfers alone (from each
     message's first chunk to its last, as the receiving end logs them); and the server process's peak RSS
     against the model's size; and the server's peak RSS when 4 sites send a 64 MiB model at once (the results must not
-    add up in the server's memory while they wait to be averaged).
+    add up in the server's memory while they wait to be averaged); and what new memory costs on this machine
+    (1 GiB written after 10 s idle, and again at once), which averaging a large model needs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from measure import HELLO_A, REPO, TINY, fedstream, measure, start, write_result
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results" / "deploy.md"
-SIZE_MIB = 256
+SIZE_MIB = 1024
 MANY_SITES, MANY_MIB = 4, 64
 
 
@@ -95,6 +96,20 @@ def raw_tls_s(total: int) -> float:
     return elapsed
 
 
+def new_memory_s() -> tuple[float, float]:
+    """Seconds to write 1 GiB of newly allocated memory: after 10 s idle (a virtual machine may have given the
+    pages it was freed back to its host, which hands them out again more slowly), and again at once."""
+    import numpy as np
+
+    times = []
+    for idle_s in (10, 0):
+        time.sleep(idle_s)
+        began = time.perf_counter()
+        np.ones(2**30 // 8)
+        times.append(time.perf_counter() - began)
+    return times[0], times[1]
+
+
 @dataclass(frozen=True)
 class Transfer:
     """The big job's second round (the first also waits for the sites' processes to start), the time its
@@ -151,6 +166,7 @@ def main() -> None:
     big: list[Transfer] = []
     many: list[Transfer] = []
     raws: list[float] = []
+    memory: list[tuple[float, float]] = []
     for i in range(repeat):
         for scenario in ("a", "c"):
             for kind in ("poc", "simulate") if i % 2 == 0 else ("simulate", "poc"):
@@ -160,9 +176,11 @@ def main() -> None:
         big.append(transfer(1, SIZE_MIB))
         raws.append(raw_tls_s(3 * SIZE_MIB * 2**20))
         many.append(transfer(MANY_SITES, MANY_MIB))
+        memory.append(new_memory_s())
         print(f"run {i + 1} (g): round {big[-1].round_s:.2f} s, transfers {big[-1].transfers_s:.2f} s, raw TLS "
               f"{raws[-1]:.2f} s, server peak RSS {big[-1].peak_mb:.0f} MB; {MANY_SITES} sites: "
-              f"{many[-1].peak_mb:.0f} MB", flush=True)  # fmt: skip
+              f"{many[-1].peak_mb:.0f} MB; 1 GiB of new memory {memory[-1][0]:.2f} s (reused: {memory[-1][1]:.2f} s)",
+              flush=True)  # fmt: skip
     med = {s: {k: statistics.median(v) for k, v in kinds.items()} for s, kinds in walls.items()}
     ratios_a = [p / s for p, s in zip(walls["a"]["poc"], walls["a"]["simulate"], strict=True)]
     moved = 3 * SIZE_MIB
@@ -198,6 +216,8 @@ def main() -> None:
         f"| (g) server peak RSS with a {SIZE_MIB} MiB model | {peak:.0f} MB; over the server's RSS once the job "
         f"ended: {models(big, SIZE_MIB)} | <= model + 64 MB |",
         f"| (g) the same with {MANY_SITES} sites sending a {MANY_MIB} MiB model at once | {models(many, MANY_MIB)} | |",
+        f"| this machine: 1 GiB of new memory written, after 10 s idle / at once | "
+        f"{statistics.median(m[0] for m in memory):.2f} s / {statistics.median(m[1] for m in memory):.2f} s | |",
         "",
         "The (g) round also includes the averaging and the site loading the weights into its model twice (saving "
         "global.pt overlaps the validation task's transfer); the transfers alone are timed by the receiving ends "
@@ -207,7 +227,8 @@ def main() -> None:
         "and mapped: the pages of the one being averaged count in the RSS, not in the anonymous memory, and the "
         "kernel can "
         f"drop them; results waiting for their turn cost no memory, so {MANY_SITES} sites sending at once cost "
-        "the server what one does.",
+        "the server what one does. Averaging a model of N GiB writes 2 N GiB of sums and N GiB of new model: "
+        "the last line is what new memory costs on this machine.",
         "",
     ]
     write_results(RESULTS, lines)
