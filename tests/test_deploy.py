@@ -251,6 +251,24 @@ def test_ctrl_c_stops_poc_with_the_jobs_outcome_and_the_next_poc_does_not_resume
     assert said.count("starts on") == 2, "the slow job once, in the first poc; the quick one"
 
 
+def test_a_killed_poc_stops_its_server_and_clients_and_the_job_says_it_was_interrupted(tmp_path: Path) -> None:
+    # kill -9 of poc (no clean-up of its own) left its server, clients and site processes running: the job went on
+    # to its end, and the server and clients ran on after it, holding the workspace. They now get SIGTERM when poc
+    # dies: the server stops the job as Ctrl-C would, writing result.json.
+    workspace = tmp_path / "poc"
+    slow = turns_job(tmp_path / "slow", rounds=50, trainer_args="seconds = 0.2")
+    poc = start_cli("poc", str(slow), "-w", str(workspace), "-n", "2", stdout=subprocess.PIPE)
+    assert poc.stdout is not None
+    with poc.stdout:
+        wait_for(lambda: "running" in poc.stdout.readline(), "the job to run")  # type: ignore[union-attr]
+        poc.kill()
+        assert poc.wait(60) == -signal.SIGKILL
+    wait_for(lambda: not _processes_of(workspace), "poc's server, clients and site processes to end", timeout_s=30)
+    (result,) = (workspace / "server" / "jobs").glob("*/result.json")
+    outcome = json.loads(result.read_text())
+    assert outcome["error"] == "interrupted (SIGTERM)" and len(outcome["rounds"]) < 50, outcome
+
+
 def test_a_result_over_the_servers_size_limit_fails_its_task_saying_so(tmp_path: Path) -> None:
     # The server takes results of at most 0.5 MiB (--max-message-mb 0.5), and tells the sites as they join: a
     # site's 2 MiB result is answered with a failure naming the sizes (sent, it was refused and the site

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -156,6 +157,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             folder = sign_request(args.request, args.output, args.role, load_project(args.project))
         console.print(f"signed: send the files of {folder} back (the requester adds its key.pem)")
         return 0
+    if command in ("server", "client"):
+        from fedstream.children import end_with_parent
+
+        end_with_parent(signal.SIGTERM)  # started by poc: it stops with poc, even a poc killed with kill -9
     if command == "server":
         from fedstream.deploy.server import FederationServer, ServerSettings
 

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from fedstream import __version__, logs
+from fedstream.children import PARENT
 from fedstream.config import load_job
 from fedstream.config.loader import parse_override
 from fedstream.deploy import protocol
@@ -33,7 +34,6 @@ from fedstream.deploy.archive import job_folder_name, unpack_job
 from fedstream.deploy.kit import KIT_FILE, Kit, load_kit
 from fedstream.deploy.signing import JobRefused, Signature, verify_job
 from fedstream.deploy.site_link import JOB, Backoff, GrpcSiteLink
-from fedstream.deploy.site_process import PARENT
 from fedstream.errors import ConfigError
 from fedstream.site.executor import Executor, Unusable
 from fedstream.site.host import SiteHost

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fedstream.children import sigterm_as_interrupt
+from fedstream.children import PARENT, sigterm_as_interrupt
 from fedstream.config.loader import check_job_config
 from fedstream.deploy.admin import Admin
 from fedstream.deploy.kit import load_kit
@@ -73,7 +73,7 @@ class LocalFederation:
             self._start(name)
 
     def _start(self, name: str) -> None:
-        env = {**os.environ, **self._environment} if name != "server" else None
+        env = {**os.environ, PARENT: str(os.getpid()), **(self._environment if name != "server" else {})}
         with open(self.workspace / f"{name}.out", "ab") as out:
             command = self._commands[name]
             self.processes[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
