@@ -251,22 +251,31 @@ def test_ctrl_c_stops_poc_with_the_jobs_outcome_and_the_next_poc_does_not_resume
     assert said.count("starts on") == 2, "the slow job once, in the first poc; the quick one"
 
 
-def test_a_killed_poc_stops_its_server_and_clients_and_the_job_says_it_was_interrupted(tmp_path: Path) -> None:
+def test_a_killed_poc_stops_its_server_and_clients_and_the_job_keeps_its_tracking(
+    tmp_path: Path, tracking_store: Path
+) -> None:
     # kill -9 of poc (no clean-up of its own) left its server, clients and site processes running: the job went on
     # to its end, and the server and clients ran on after it, holding the workspace. They now get SIGTERM when poc
-    # dies: the server stops the job as Ctrl-C would, writing result.json.
+    # dies, the server several times (Linux sends it again as each of poc's threads ends): it stops the job once,
+    # as on any SIGTERM, and its receivers still write every event the sites sent (MLflow holds them all for
+    # 60 s here, so there are some to write).
     workspace = tmp_path / "poc"
-    slow = turns_job(tmp_path / "slow", rounds=50, trainer_args="seconds = 0.2")
-    poc = start_cli("poc", str(slow), "-w", str(workspace), "-n", "2", stdout=subprocess.PIPE)
+    slow = turns_job(tmp_path / "slow", rounds=50, trainer_args="seconds = 0.2\nsteps = 10")
+    mlflow = ["server.receivers.mlflow.path=fedstream.tracking.MLflowReceiver"]
+    mlflow += ["server.receivers.mlflow.args.flush_interval_s=60"]
+    sets = [arg for item in mlflow for arg in ("--set", item)]
+    poc = start_cli("poc", str(slow), "-w", str(workspace), "-n", "2", *sets, stdout=subprocess.PIPE)
     assert poc.stdout is not None
     with poc.stdout:
-        wait_for(lambda: "running" in poc.stdout.readline(), "the job to run")  # type: ignore[union-attr]
+        wait_for(lambda: "round 2/50 done" in poc.stdout.readline(), "round 2")  # type: ignore[union-attr]
         poc.kill()
         assert poc.wait(60) == -signal.SIGKILL
-    wait_for(lambda: not _processes_of(workspace), "poc's server, clients and site processes to end", timeout_s=30)
+    wait_for(lambda: not _processes_of(workspace), "poc's server, clients and site processes to end", timeout_s=90)
     (result,) = (workspace / "server" / "jobs").glob("*/result.json")
     outcome = json.loads(result.read_text())
     assert outcome["error"] == "interrupted (SIGTERM)" and len(outcome["rounds"]) < 50, outcome
+    written = outcome["tracking"]["mlflow"]
+    assert written["received"] == written["written"] >= 40 and written["dropped"] == 0, written
 
 
 def test_a_result_over_the_servers_size_limit_fails_its_task_saying_so(tmp_path: Path) -> None:

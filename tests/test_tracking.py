@@ -476,6 +476,43 @@ def test_ctrl_c_while_waiting_for_a_hung_tracking_server_still_writes_the_result
     assert any("did not close by its deadline" in error for error in mlflow["errors"]), mlflow["errors"]
 
 
+def test_a_second_sigterm_does_not_cut_the_wait_for_tracking(tmp_path: Path) -> None:
+    # A second SIGTERM while an interrupted job's end waited for a tracking backend stopped that wait, as a second
+    # Ctrl-C does, and what was left was dropped; a poc killed with kill -9 sends its server SIGTERM several times
+    # (once for each of poc's threads as it ends). SIGTERM now asks for a clean stop however often it comes.
+    server = MlflowServer(tmp_path / "mlflow").start()
+    job, gate = gated_job(
+        tmp_path,
+        tracking_uri=server.url,
+        mlflow_args="http_max_retries = 0\nhttp_timeout_s = 300\nflush_interval_s = 0.2\nstop_timeout_s = 600.0",
+    )
+    ws = tmp_path / "ws"
+    process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-v",
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: gated_count(server) == 400, "round 1's records on the tracking server")
+        server.pause()  # round 1's end is not written until the test lets the server go
+        (gate / "round-1").touch()
+        server_log = ws / "server" / "log.txt"
+        wait_for(lambda: "round 2/2" in server_log.read_text(), "round 2")
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "waiting for mlflow to write" in server_log.read_text(), "the end-of-job wait", 300)
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: " again" in server_log.read_text(), "the second SIGTERM to be taken")
+        server.pause(False)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        server.pause(False)
+        server.stop()
+    assert process.returncode == 130, output
+    result = read_result(ws)
+    assert result["error"] == "interrupted (SIGTERM)"
+    mlflow = result["tracking"]["mlflow"]
+    assert mlflow["dropped"] == 0 and mlflow["received"] == mlflow["written"] > 400, mlflow
+
+
 def test_mlflow_history_piles_up_across_reruns_and_survives_moving_the_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

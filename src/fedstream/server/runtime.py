@@ -315,7 +315,9 @@ class ServerRuntime:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM interrupt the job once; during the wind-down they only hurry the receivers."""
+        """SIGINT and SIGTERM interrupt the job once. During the wind-down, Ctrl-C (SIGINT) stops the wait for
+        the receivers; SIGTERM, a request to stop cleanly, does not: asking again changes nothing (a poc that dies
+        sends its server SIGTERM once for each of its threads as they end)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -323,10 +325,12 @@ class ServerRuntime:
         def interrupt(number: int, frame: FrameType | None) -> None:
             first = not self._signal
             self._signal = self._signal or number
-            if self._finishing:
+            if self._finishing and number == signal.SIGINT:
                 log.warning("interrupted again: not waiting for the tracking backends any longer")
                 for host in self._hosts:
                     host.hurry()
+            elif self._finishing:
+                log.info("SIGTERM again: still waiting for the tracking backends (Ctrl-C stops waiting)")
             elif first:
                 raise KeyboardInterrupt
 
