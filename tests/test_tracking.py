@@ -3,12 +3,14 @@ readers (MlflowClient, EventAccumulator)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -442,7 +444,12 @@ def test_sigterm_leaves_a_result_and_killed_runs(tmp_path: Path, tracking_store:
     wait_for(lambda: gone(children), "the workers and receivers to be gone")
 
 
-def test_ctrl_c_while_waiting_for_a_hung_tracking_server_still_writes_the_result(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def simulating_into_a_tracking_server(
+    tmp_path: Path,
+) -> Iterator[tuple[MlflowServer, Path, Path, subprocess.Popen[str]]]:
+    """``simulate -v`` of the gated job (two rounds) logging to a real MLflow server that the test may pause: yields
+    the server, the gate folder, the workspace and the process (killed after, if it still runs)."""
     server = MlflowServer(tmp_path / "mlflow").start()
     job, gate = gated_job(
         tmp_path,
@@ -454,6 +461,16 @@ def test_ctrl_c_while_waiting_for_a_hung_tracking_server_still_writes_the_result
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_for(lambda: gated_count(server) == 400, "round 1's records on the tracking server")
+        yield server, gate, ws, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        server.pause(False)
+        server.stop()
+
+
+def test_ctrl_c_while_waiting_for_a_hung_tracking_server_still_writes_the_result(tmp_path: Path) -> None:
+    with simulating_into_a_tracking_server(tmp_path) as (server, gate, ws, process):
         server.pause()
         for r in (1, 2):
             (gate / f"round-{r}").touch()
@@ -463,11 +480,6 @@ def test_ctrl_c_while_waiting_for_a_hung_tracking_server_still_writes_the_result
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=120)
         assert time.monotonic() - began < 60, "Ctrl-C ends the wait"
-    finally:
-        if process.poll() is None:
-            process.kill()
-        server.pause(False)
-        server.stop()
     assert process.returncode == 3, output  # the job completed; tracking did not
     result = read_result(ws)
     assert result["status"] == "completed" and len(result["rounds"]) == 2
@@ -480,17 +492,7 @@ def test_a_second_sigterm_does_not_cut_the_wait_for_tracking(tmp_path: Path) -> 
     # A second SIGTERM while an interrupted job's end waited for a tracking backend stopped that wait, as a second
     # Ctrl-C does, and what was left was dropped; a poc killed with kill -9 sends its server SIGTERM several times
     # (once for each of poc's threads as it ends). SIGTERM now asks for a clean stop however often it comes.
-    server = MlflowServer(tmp_path / "mlflow").start()
-    job, gate = gated_job(
-        tmp_path,
-        tracking_uri=server.url,
-        mlflow_args="http_max_retries = 0\nhttp_timeout_s = 300\nflush_interval_s = 0.2\nstop_timeout_s = 600.0",
-    )
-    ws = tmp_path / "ws"
-    process = start_cli("simulate", str(job), "-w", str(ws), "-n", "2", "-t", "2", "-v",
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        wait_for(lambda: gated_count(server) == 400, "round 1's records on the tracking server")
+    with simulating_into_a_tracking_server(tmp_path) as (server, gate, ws, process):
         server.pause()  # round 1's end is not written until the test lets the server go
         (gate / "round-1").touch()
         server_log = ws / "server" / "log.txt"
@@ -501,11 +503,6 @@ def test_a_second_sigterm_does_not_cut_the_wait_for_tracking(tmp_path: Path) -> 
         wait_for(lambda: " again" in server_log.read_text(), "the second SIGTERM to be taken")
         server.pause(False)
         output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        server.pause(False)
-        server.stop()
     assert process.returncode == 130, output
     result = read_result(ws)
     assert result["error"] == "interrupted (SIGTERM)"
