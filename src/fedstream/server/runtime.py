@@ -330,7 +330,7 @@ class ServerRuntime:
                 for host in self._hosts:
                     host.hurry()
             elif self._finishing:
-                log.info("SIGTERM again: still waiting for the tracking backends (Ctrl-C stops waiting)")
+                log.info("SIGTERM: still waiting for the tracking backends, as it ends (Ctrl-C stops waiting)")
             elif first:
                 raise KeyboardInterrupt
 
