@@ -378,7 +378,7 @@ def test_connection_errors_through_a_proxy_name_the_proxy(deployment: Any, monke
     with pytest.raises(TransportError, match=r"\(from HTTPS_PROXY\) refused the connection"):
         Admin(kit).jobs()
     monkeypatch.setenv("NO_PROXY", "example.org,localhost")
-    assert Admin(kit).jobs() == [], "the server, reached without the proxy"
+    Admin(kit).jobs()  # the server, reached without the proxy (which would have refused: nothing listens there)
 
 
 def test_a_second_server_client_or_poc_on_a_folder_in_use_stops_at_once(deployment: Any) -> None:
@@ -452,12 +452,13 @@ def test_ctrl_c_while_following_leaves_the_job_running_and_says_so(deployment: A
 
 def test_a_job_aborted_while_the_server_loads_it_never_runs(deployment: Any, tmp_path: Path) -> None:
     # Its code takes 2 s to import, when the server checks it at submission and again when it starts it: the
-    # abort comes while the job is out of the queue and not running yet.
+    # abort comes while the job is out of the queue ("starting") and not running yet.
     _, admin = deployment
     job = turns_job(tmp_path, rounds=1)
     with open(job / "turns.py", "a") as code:
         code.write("\nimport time as _time\n\n_time.sleep(2)\n")
     job_id = admin.submit(job, [], ["site-1", "site-2"])
+    wait_for(lambda: admin.status(job_id)["state"] == "starting", "the server to load the job")
     admin.abort(job_id)
     status = admin.follow(job_id, lambda status: None)
     assert status["state"] == "aborted" and status["error"] == "aborted by admin"

@@ -86,7 +86,9 @@ class JobRecord:
     signature: Signature
     code: Path  # the job folder, named as on the admin's machine
     archive: bytes
-    state: str = "queued"  # queued, running, interrupted (resumes at the next start), completed, failed, aborted
+    # queued, starting (its code loads; never saved), running, interrupted (resumes at the next start), completed,
+    # failed, aborted
+    state: str = "queued"
     submitted: float = field(default_factory=time.time)
     round: int = 0
     num_rounds: int = 0
@@ -273,7 +275,12 @@ class FederationServer:
         with self._cond:
             if not self._queue:
                 self._cond.wait(1.0)
-            return self._queue.popleft() if self._queue else None
+            if not self._queue:
+                return None
+            record = self._queue.popleft()
+            record.state = "starting"
+            self._cond.notify_all()
+            return record
 
     def _start(self, record: JobRecord) -> int:
         """Run ``record``'s job; a job that cannot even start fails with the reason, and the server goes on."""
@@ -380,7 +387,7 @@ class FederationServer:
         with self._cond:
             record = self._jobs.get(job_id)
             link = record.link if record is not None and record.state == "running" else None
-        if record is not None and record.state in ("queued", "interrupted"):  # about to start or resume
+        if record is not None and record.state in ("queued", "starting", "interrupted"):  # about to start or resume
             _refuse(context, grpc.StatusCode.UNAVAILABLE, f"job {job_id} has not started yet")
         if link is None or record is None:
             _refuse(context, grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not running on this server")
