@@ -24,11 +24,17 @@ class TcpProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def close(self) -> None:
+        """Stop taking connections (the relayed ones end when either side closes)."""
         self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (closing alone does not)
         self._listener.close()
+        self._acceptor.join(timeout=10)
+        assert not self._acceptor.is_alive(), "the proxy still accepts connections"
 
     def _accept(self) -> None:
         while not self._closed:

@@ -302,6 +302,7 @@ def test_a_next_outbox_of_the_site_delivers_what_a_killed_one_left(tmp_path: Pat
     for n in range(50, 80):
         first.put(event(n, "fed.x"))
     assert seen == list(range(50))
+    assert first.close(stall_timeout_s=0) == 30, "its thread stops; its journal keeps what was not delivered"
     second, _ = journaled(inbox, journal, deliver=lambda n: True)
     assert second.session == first.session
     for n in range(80, 100):
@@ -330,6 +331,7 @@ def test_a_journal_reads_back_despite_a_cut_last_line_and_stays_small(
     for damage in (b"5\n", b'["e"]\n', b'{"session": "s"}\n', b"[1, 2]\n"):  # edited by hand: read up to there
         path.write_bytes(b'{"session":"s","acked":3}\n["e",{"n":4}]\n' + damage + b'["e",{"n":5}]\n')
         assert Journal(path).read() == ("s", 3, [event(4)])
+    outbox.close(stall_timeout_s=5)
 
 
 def test_an_outbox_whose_journal_cannot_be_written_still_delivers(
@@ -344,3 +346,4 @@ def test_an_outbox_whose_journal_cannot_be_written_still_delivers(
         outbox.put(event(n, "fed.x"))
     assert outbox.flush(stall_timeout_s=30) and seen == list(range(10))
     assert "cannot write the events journal" in caplog.text and "a-file" in caplog.text
+    assert outbox.close(stall_timeout_s=5) == 0

@@ -86,7 +86,12 @@ class JsonLines:
             os.close(self._fd)
             self._fd = -1
         if remove:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink()
+            except (FileNotFoundError, NotADirectoryError):  # never written (or its folder is not one)
+                pass
+            except OSError as exc:
+                log.warning("cannot remove %s %s (%s); nothing in it is needed any more", self._what, self.path, exc)
 
     def _broken(self, exc: OSError) -> None:
         log.error("cannot write %s %s (%s): %s", self._what, self.path, exc, self._cost)
