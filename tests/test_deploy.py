@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +345,29 @@ def test_connection_errors_say_what_to_do(deployment: Any) -> None:
     for address, words in [("localhost:1", "refused the connection"), ("nohost.invalid:1", "cannot resolve")]:
         with pytest.raises(TransportError, match=words):
             Admin(kit, address).jobs()
+
+
+def test_a_call_cut_by_the_server_stopping_says_so() -> None:
+    # What a site's long poll gets when the server stops or restarts (gRPC's words: "Cancelling all calls").
+    polling, released = threading.Event(), threading.Event()
+
+    def poll(request: bytes, context: grpc.ServicerContext) -> Any:
+        polling.set()
+        released.wait(60)
+        yield b""
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    handlers = {"Poll": grpc.unary_stream_rpc_method_handler(poll)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Server", handlers),))
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    stopping = threading.Thread(target=lambda: polling.wait(60) and server.stop(grace=0.1).wait())
+    stopping.start()
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        list(channel.unary_stream("/test.Server/Poll")(b"", timeout=60))
+    released.set()
+    stopping.join()
+    assert protocol.explain(caught.value, address) == f"the server at {address} stopped (or is restarting)"
 
 
 def test_a_server_that_cannot_listen_says_why(deployment: Any, tmp_path: Path) -> None:

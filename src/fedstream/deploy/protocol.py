@@ -256,6 +256,8 @@ def explain(error: grpc.RpcError, address: str) -> str:
             )
         if "timeout" in text or "deadline" in text:
             return f"{address} does not answer (a firewall, or the wrong port?)"
+        if "cancelling all calls" in text:  # what gRPC tells the calls in progress when its server stops
+            return f"the server at {address} stopped (or is restarting)"
         return f"cannot reach {address}: {details}"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"{address} does not answer in time (a firewall, or the wrong port?)"
