@@ -188,6 +188,7 @@ def site_main(kit_dir: str) -> None:
     header = json.loads((folder / HEADER).read_text())
     site, sites = kit.name, list(header["sites"])
     logs.setup_worker(folder, [site], verbose=False)
+    log.info("%s trains with %d PyTorch thread(s) (fedstream client start --threads)", site, torch.get_num_threads())
     link = GrpcSiteLink(kit, str(header["job_id"]), spool=folder)
     job_id, indices = str(header["job_id"]), {s: i for i, s in enumerate(sites)}
     code = folder / "code" / job_folder_name(header.get("folder"))
