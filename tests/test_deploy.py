@@ -424,13 +424,26 @@ def test_a_second_server_client_or_poc_on_a_folder_in_use_stops_at_once(deployme
     wait_for(lambda: [site["site"] for site in admin.sites()] == ["site-1", "site-2"], "the running ones to go on")
 
 
-def test_jobs_list_and_status_from_the_command_line(deployment: Any) -> None:
-    workspace, _ = deployment
-    done = run_cli("jobs", "list", "--kit", str(workspace / "kits" / "admin"))
-    assert done.returncode == 0, done.stderr
-    assert isinstance(json.loads(done.stdout), list)
-    done = run_cli("jobs", "status", "missing", "--kit", str(workspace / "kits" / "admin"))
-    assert done.returncode == 1 and "no job 'missing'" in done.stderr
+def test_jobs_and_sites_from_the_command_line(deployment: Any, tmp_path: Path) -> None:
+    workspace, admin = deployment
+    kit = ["--kit", str(workspace / "kits" / "admin")]
+    job_id = admin.submit(turns_job(tmp_path, rounds=1), [], ["site-1", "site-2"])
+    assert admin.follow(job_id, lambda status: None)["state"] == "completed"
+    listed = run_cli("jobs", "list", *kit)  # a table, whole also when the output is not a terminal
+    assert listed.returncode == 0, listed.stderr
+    row = rf"^{job_id} +turns +completed +1/1 +\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d +admin +site-1, site-2$"
+    assert re.search(row, listed.stdout, re.MULTILINE), listed.stdout
+    status = run_cli("jobs", "status", job_id, *kit).stdout
+    assert re.search(row, status, re.MULTILINE) and "\ncompleted: round 1 accuracy=1 " in status, status
+    as_json = json.loads(run_cli("jobs", "list", "--json", *kit).stdout)
+    assert job_id in [job["id"] for job in as_json]
+    assert json.loads(run_cli("jobs", "status", job_id, "--json", *kit).stdout)["result"]["status"] == "completed"
+    sites = run_cli("sites", *kit).stdout.splitlines()
+    assert sites[0].split() == ["site", "version", "last", "call"]
+    assert [line.split()[0] for line in sites[1:]] == ["site-1", "site-2"]
+    assert [site["site"] for site in json.loads(run_cli("sites", "--json", *kit).stdout)] == ["site-1", "site-2"]
+    missing = run_cli("jobs", "status", "missing", *kit)
+    assert missing.returncode == 1 and "no job 'missing'" in missing.stderr
 
 
 def test_a_job_for_a_site_never_seen_is_submitted_with_a_warning(deployment: Any, tmp_path: Path) -> None:
@@ -662,6 +675,9 @@ def test_a_restarted_server_resumes_its_job_after_the_last_completed_round(tmp_p
                 local.restart("server", how)
 
         status = local.admin.follow(job_id, restart_after_round_two)
+        local.restart("server")
+        again = local.admin.follow(job_id, lambda status: None)  # waits for the server to be back
+    assert (again["state"], again["round"], again["num_rounds"]) == ("completed", 4, 4), "known after a restart"
     result = status["result"]
     assert status["state"] == "completed", result["error"]
     assert result["resumed_after_round"] >= 2

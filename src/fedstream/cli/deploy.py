@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
 DEPLOY_EXAMPLE = """\
 example (one machine; see README "Deploying" for several):
@@ -86,9 +87,11 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
     jobs.add_argument("job_id", nargs="?", default="")
     jobs.add_argument("--kit", required=True, help="an admin's startup kit")
     jobs.add_argument("-o", "--output", default=".", help="download: the folder to put <job id>/ in (default .)")
+    jobs.add_argument("--json", action="store_true", help="list, status: print JSON (status: with the result)")
 
     sites = commands.add_parser("sites", help="the sites the server has seen (admins)")
     sites.add_argument("--kit", required=True, help="an admin's startup kit")
+    sites.add_argument("--json", action="store_true", help="print JSON")
 
     poc = commands.add_parser(
         "poc",
@@ -222,14 +225,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
             )
             return code
         if command == "sites":
-            _print_json(admin.sites())
+            sites = admin.sites()
+            if args.json:
+                _print_json(sites)
+            else:
+                _print_sites(console, sites)
             return 0
-        if args.action == "list":
-            _print_json(admin.jobs())
-        elif not args.job_id:
+        if args.action != "list" and not args.job_id:
             raise ConfigError(f"name the job: fedstream jobs {args.action} JOB_ID --kit KIT", key="JOB_ID")
-        elif args.action == "status":
-            _print_json(admin.status(args.job_id))
+        if args.action in ("list", "status"):
+            listed = admin.jobs() if args.action == "list" else admin.status(args.job_id)
+            if args.json:
+                _print_json(listed)
+            else:
+                _print_jobs(console, listed if isinstance(listed, list) else [listed])
         elif args.action == "logs":
             print(admin.logs(args.job_id), end="")
         elif args.action == "download":
@@ -257,6 +266,64 @@ def _in_project(path: str) -> Iterator[None]:
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
+
+
+def _print_jobs(console: Console, jobs: list[dict[str, Any]]) -> None:
+    """The jobs as a table, with why each failed job failed (or, for a job's status, its outcome)."""
+    import datetime
+
+    from rich.text import Text
+
+    from fedstream.cli.progress import print_outcome
+
+    if not jobs:
+        console.print("no jobs on this server")
+        return
+    table = _table("job", "name", "state", "rounds", "submitted", "by", "sites")
+    for job in jobs:
+        submitted = datetime.datetime.fromtimestamp(job["submitted"]).strftime("%Y-%m-%d %H:%M:%S")
+        rounds = f"{job['round']}/{job['num_rounds']}" if job["num_rounds"] else ""
+        row = (job["id"], job["name"], job["state"], rounds, submitted, job["submitter"], ", ".join(job["sites"]))
+        table.add_row(*(Text(str(cell)) for cell in row))
+    _print_table(console, table)
+    for job in jobs:  # a job's status has its result: its outcome in one line; a list says why jobs failed
+        if job.get("result"):
+            print_outcome(console, job["result"])
+        elif job.get("error"):
+            console.print(Text(f"{job['id']} {job['state']}: {job['error']}", style="red"))
+
+
+def _print_sites(console: Console, sites: list[dict[str, Any]]) -> None:
+    """The sites as a table: name, fedstream version, when each last called."""
+    from rich.text import Text
+
+    if not sites:
+        console.print("no site has called this server since it started")
+        return
+    table = _table("site", "version", "last call")
+    for site in sites:
+        table.add_row(Text(site["site"]), Text(site["version"]), f"{site['last_seen_s']:.0f} s ago")
+    _print_table(console, table)
+
+
+def _table(*columns: str) -> Table:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for number, column in enumerate(columns):  # a narrow terminal folds a cell, never cuts it short
+        table.add_column(column, overflow="fold", no_wrap=number == 0)  # the first (a job's id) stays whole
+    return table
+
+
+def _print_table(console: Console, table: Table) -> None:
+    """``table`` at its full width when the output is not a terminal (a file or a pipe has no width)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    if not console.is_terminal:
+        width = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+        console = Console(file=console.file, width=max(width, console.width))
+    console.print(table)
 
 
 def _shower(console: Console) -> Any:

@@ -116,6 +116,8 @@ class JobRecord:
             "folder": self.code.name,
             "submitted": self.submitted,
             "state": self.state,
+            "round": self.round,
+            "num_rounds": self.num_rounds,
             "exit_code": self.exit_code,
             "error": self.error,
         }
@@ -139,6 +141,7 @@ class JobRecord:
         )
         record.submitted, record.state, record.exit_code = data["submitted"], data["state"], data["exit_code"]
         record.error = data.get("error", "")
+        record.round, record.num_rounds = data.get("round", 0), data.get("num_rounds", 0)
         return record
 
     def status(self) -> dict[str, Any]:
@@ -339,8 +342,8 @@ class FederationServer:
         link = PullLink(record.sites, absent_after_s=self.settings.absent_after_s)
         with self._cond:
             record.state, record.link, record.runtime = "running", link, runtime
-            record.save()
             record.num_rounds = int(job.to_dict()["server"]["workflow"]["args"].get("num_rounds", 0))
+            record.save()
             self._cond.notify_all()
             aborted_by = record.aborted_by
         if aborted_by:  # while it was loading
