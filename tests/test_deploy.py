@@ -356,7 +356,8 @@ def test_a_call_cut_by_the_server_stopping_says_so() -> None:
         released.wait(60)
         yield b""
 
-    server = grpc.server(ThreadPoolExecutor(2))
+    workers = ThreadPoolExecutor(2)
+    server = grpc.server(workers)
     handlers = {"Poll": grpc.unary_stream_rpc_method_handler(poll)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Server", handlers),))
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
@@ -367,6 +368,7 @@ def test_a_call_cut_by_the_server_stopping_says_so() -> None:
         list(channel.unary_stream("/test.Server/Poll")(b"", timeout=60))
     released.set()
     stopping.join()
+    workers.shutdown()
     assert protocol.explain(caught.value, address) == f"the server at {address} stopped (or is restarting)"
 
 
