@@ -506,6 +506,24 @@ def test_a_job_aborted_while_the_server_loads_it_never_runs(deployment: Any, tmp
     assert status["result"]["rounds"] == []
 
 
+def test_a_job_whose_code_does_not_return_when_imported_is_refused_and_holds_no_admin_up(tmp_path: Path) -> None:
+    # Its module waits when imported (as one that trains or downloads at import would) until the test lets it go.
+    hung, good = turns_job(tmp_path / "hung"), turns_job(tmp_path / "good")
+    gate = tmp_path / "gate"
+    with open(hung / "turns.py", "a") as code:
+        code.write(f"\nimport pathlib as _p, time as _t\n\nwhile not _p.Path({str(gate)!r}).exists():\n")
+        code.write("    _t.sleep(0.05)\n")
+    with federation(tmp_path / "ws", 2, load_timeout_s=2) as local:
+        with pytest.raises(FedstreamError, match=r"the job's code did not load within 2 s \(fedstream server start"):
+            local.admin.submit(hung, [], ["site-1", "site-2"])
+        with pytest.raises(FedstreamError, match="loading the code of a job admin submitted for over 2 s"):
+            local.admin.submit(good, [], ["site-1", "site-2"])
+        gate.touch()  # its code returns: the server loads jobs again
+        job_id = local.admin.submit(good, [], ["site-1", "site-2"])
+        assert local.admin.follow(job_id, lambda status: None)["state"] == "completed"
+        assert len(local.admin.jobs()) == 1, "the refused ones were never queued"
+
+
 def test_a_crashing_site_process_never_takes_its_client_down(deployment: Any, tmp_path: Path) -> None:
     # site-2's trainer kills its own process (SIGKILL) in round 1: the client starts a new one, which the server
     # sends the task again, and which dies the same way; the task fails, and site-2 trains again in round 2.

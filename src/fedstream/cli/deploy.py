@@ -67,6 +67,12 @@ def add_parsers(commands: Any, overrides: dict[str, Any]) -> None:
         type=_positive("MiB"),
         help="the largest result a site may send (its weights and all), in MiB (default: 4096)",
     )
+    start.add_argument(
+        "--load-timeout",
+        type=_positive("seconds"),
+        default=120.0,
+        help="seconds a submitted job's code may take to load (what its modules run when imported)",
+    )
 
     client = commands.add_parser("client", help="run a site's client")
     client_commands = client.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
@@ -170,7 +176,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.setLevel(logging.INFO)
-        settings = ServerSettings(absent_after_s=args.absent_after)
+        settings = ServerSettings(absent_after_s=args.absent_after, load_timeout_s=args.load_timeout)
         if args.max_message_mb is not None:
             settings = dataclasses.replace(settings, max_message_bytes=int(args.max_message_mb * 2**20))
         kit = load_kit(args.kit, "server")

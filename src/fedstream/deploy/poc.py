@@ -110,6 +110,7 @@ def federation(
     threads: int = 0,
     absent_after_s: float = 30.0,
     max_message_mb: float | None = None,
+    load_timeout_s: float | None = None,
     adjust: Callable[[Path], None] | None = None,
     environment: dict[str, str] | None = None,
 ) -> Iterator[LocalFederation]:
@@ -132,6 +133,8 @@ def federation(
         commands["server"] += ["--listen", listen, "--absent-after", str(absent_after_s)]
         if max_message_mb is not None:
             commands["server"] += ["--max-message-mb", str(max_message_mb)]
+        if load_timeout_s is not None:
+            commands["server"] += ["--load-timeout", str(load_timeout_s)]
         for site in project.sites:
             commands[site] = [*python, "client", "start", str(kits / site), "-w", str(workspace / site)]
             commands[site] += ["--threads", str(per_site)]

@@ -72,6 +72,7 @@ class ServerSettings:
     poll_s: float = 10.0
     max_message_bytes: int = MAX_FRAME_BYTES  # 4 GiB: the largest result (weights and all) a site may send
     present_within_s: float = 30.0  # a site seen this recently counts as connected (fedstream sites)
+    load_timeout_s: float = 120.0  # the longest a job's code may take to load (its modules' import-time code)
 
 
 @dataclass
@@ -187,6 +188,8 @@ class FederationServer:
         self._console = console
         self._cond = threading.Condition()
         self._load_lock = threading.Lock()
+        self._loading = ""  # the job whose code loads under the load lock, or loaded last
+        self._torch_imported = threading.Event()
         self._jobs: dict[str, JobRecord] = {}
         self._queue: deque[JobRecord] = deque()
         self._seen: dict[str, tuple[float, str]] = {}  # site -> (last call, its fedstream version)
@@ -228,8 +231,9 @@ class FederationServer:
         log.info("fedstream %s server %s listening on %s", __version__, self.kit.name, address)
         try:
             with sigterm_as_interrupt():
-                with self._load_lock:  # every job needs torch: imported once, while sites connect, before a job loads
-                    import torch  # noqa: F401
+                import torch  # noqa: F401  (every job needs it: imported once, while sites connect, before a job loads)
+
+                self._torch_imported.set()
                 while True:
                     record = self._next_queued()
                     if record is not None and self._start(record) == EXIT_INTERRUPTED:
@@ -237,6 +241,7 @@ class FederationServer:
         except KeyboardInterrupt:
             log.info("interrupted; stopping")
         finally:
+            self._torch_imported.set()  # a submission waiting for it (the server stopped while importing) goes on
             self._grpc.stop(grace=0.1).wait()  # long polls are cut; sites retry
         return EXIT_INTERRUPTED
 
@@ -302,20 +307,35 @@ class FederationServer:
             logs.setup_server(self.root, self._console)
             return 1
 
+    def _hold_load_lock(self, what: str) -> None:
+        """Take the lock under which a job's code loads (whoever loads releases it), for ``what``; raises
+        :class:`FedstreamError` if another job's code has not loaded within the load timeout."""
+        self._torch_imported.wait()
+        if not self._load_lock.acquire(timeout=self.settings.load_timeout_s):
+            raise FedstreamError(
+                f"the server has been loading {self._loading} for over {self.settings.load_timeout_s:.0f} s "
+                "(fedstream server start --load-timeout): code that its modules run when imported has not "
+                "returned, and no other job can load until it does (restarting the server ends it)"
+            )
+        self._loading = what
+
     def _load(self, folder: Path, overrides: list[str]) -> Job:
-        """Load a job afresh: the modules of earlier jobs' folders are forgotten first, so that a long-running
-        server never runs an earlier version of a job's module of the same name."""
+        """Load a job afresh, holding the load lock: the modules of earlier jobs' folders are forgotten first,
+        so that a long-running server never runs an earlier version of a job's module of the same name."""
         code = (self.root / "code").resolve()
-        with self._load_lock:
-            sys.path[:] = [entry for entry in sys.path if not Path(entry).resolve().is_relative_to(code)]
-            for name, module in list(sys.modules.items()):
-                file = getattr(module, "__file__", None)
-                if file and Path(file).resolve().is_relative_to(code):
-                    del sys.modules[name]
-            return load_job(folder, overrides)
+        sys.path[:] = [entry for entry in sys.path if not Path(entry).resolve().is_relative_to(code)]
+        for name, module in list(sys.modules.items()):
+            file = getattr(module, "__file__", None)
+            if file and Path(file).resolve().is_relative_to(code):
+                del sys.modules[name]
+        return load_job(folder, overrides)
 
     def _run(self, record: JobRecord) -> RunResult:
-        job = self._load(record.code, record.overrides)
+        self._hold_load_lock(f"the code of job {record.id}")
+        try:
+            job = self._load(record.code, record.overrides)
+        finally:
+            self._load_lock.release()
         components = build(job, record.sites)
         folder = self.root / "jobs" / record.id
         resuming = (folder / MARKER).is_file()  # keep its rounds, models and events journal
@@ -511,9 +531,8 @@ class FederationServer:
             if signer != admin:
                 raise JobRefused(f"the job was signed by {signer}, not by {admin} who submits it")
             unpack_job(archive, code)
-            job = self._load(code, overrides)
             sites = self._job_sites(header.get("sites"))
-            build(job, sites)
+            job = self._check(code, overrides, sites, f"the code of a job {admin} submitted")
         except FedstreamError as exc:
             log.error("refused a job from %s: %s", admin, exc)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace(str(code), "<JOB>"))
@@ -525,6 +544,33 @@ class FederationServer:
             self._cond.notify_all()
         log.info("%s submitted job %s (%s) for %s", admin, job.name, job_id, ", ".join(sites))
         return protocol.to_json({"job_id": job_id})
+
+    def _check(self, code: Path, overrides: list[str], sites: list[str], what: str) -> Job:
+        """The job in ``code``, loaded and its components built for ``sites``, within the load timeout: a job
+        whose modules run code that does not return when imported is refused (the thread loading it stays)."""
+        checked: futures.Future[Job] = futures.Future()
+        self._hold_load_lock(what)
+
+        def check() -> None:
+            try:
+                job = self._load(code, overrides)
+                build(job, sites)
+                checked.set_result(job)
+            except BaseException as exc:  # raised again in the caller's thread
+                checked.set_exception(exc)
+            finally:
+                self._load_lock.release()
+
+        threading.Thread(target=check, name="check job", daemon=True).start()
+        try:
+            return checked.result(timeout=self.settings.load_timeout_s)
+        except futures.TimeoutError:
+            raise FedstreamError(
+                f"the job's code did not load within {self.settings.load_timeout_s:.0f} s (fedstream server start "
+                "--load-timeout): a module of it runs code when imported (training, downloads, waiting) that has "
+                "not returned; move that code into the components' methods. No other job can load on the server "
+                "until it returns (restarting the server ends it)"
+            ) from None
 
     def _job_sites(self, asked: Any) -> list[str]:
         if asked:
