@@ -516,7 +516,7 @@ def test_a_job_whose_code_does_not_return_when_imported_is_refused_and_holds_no_
     with federation(tmp_path / "ws", 2, load_timeout_s=2) as local:
         with pytest.raises(FedstreamError, match=r"the job's code did not load within 2 s \(fedstream server start"):
             local.admin.submit(hung, [], ["site-1", "site-2"])
-        with pytest.raises(FedstreamError, match="loading the code of a job admin submitted for over 2 s"):
+        with pytest.raises(FedstreamError, match="loading the code of job folder 'turns' from admin for over 2 s"):
             local.admin.submit(good, [], ["site-1", "site-2"])
         gate.touch()  # its code returns: the server loads jobs again
         job_id = local.admin.submit(good, [], ["site-1", "site-2"])

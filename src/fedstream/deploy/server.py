@@ -532,7 +532,7 @@ class FederationServer:
                 raise JobRefused(f"the job was signed by {signer}, not by {admin} who submits it")
             unpack_job(archive, code)
             sites = self._job_sites(header.get("sites"))
-            job = self._check(code, overrides, sites, f"the code of a job {admin} submitted")
+            job = self._check(code, overrides, sites, f"the code of job folder {code.name!r} from {admin}")
         except FedstreamError as exc:
             log.error("refused a job from %s: %s", admin, exc)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace(str(code), "<JOB>"))
