@@ -316,7 +316,7 @@ def test_a_kit_of_another_federation_is_refused(deployment: Any, tmp_path: Path)
 
 
 def test_bad_jobs_are_refused_at_submission_with_local_names(deployment: Any, tmp_path: Path) -> None:
-    _, admin = deployment
+    workspace, admin = deployment
     job = hello_job(tmp_path / "job", tmp_path)
     jobs = [job["id"] for job in admin.jobs()]
     with pytest.raises(ConfigError) as caught:
@@ -329,6 +329,8 @@ def test_bad_jobs_are_refused_at_submission_with_local_names(deployment: Any, tm
     with pytest.raises(FedstreamError, match="no job 'nope'"):
         admin.abort("nope")
     assert [job["id"] for job in admin.jobs()] == jobs, "nothing was submitted"
+    kept = list((workspace / "server" / "code").iterdir())
+    assert all((folder / "job.json").is_file() for folder in kept), "the refused jobs' code is not kept"
 
 
 def test_the_admin_sees_the_connected_sites(deployment: Any) -> None:
@@ -518,6 +520,7 @@ def test_a_job_whose_code_does_not_return_when_imported_is_refused_and_holds_no_
             local.admin.submit(hung, [], ["site-1", "site-2"])
         with pytest.raises(FedstreamError, match="loading the code of job folder 'turns' from admin for over 2 s"):
             local.admin.submit(good, [], ["site-1", "site-2"])
+        assert not list((tmp_path / "ws" / "server" / "code").iterdir()), "refused jobs leave no code behind"
         gate.touch()  # its code returns: the server loads jobs again
         job_id = local.admin.submit(good, [], ["site-1", "site-2"])
         assert local.admin.follow(job_id, lambda status: None)["state"] == "completed"

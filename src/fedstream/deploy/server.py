@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -535,6 +536,7 @@ class FederationServer:
             job = self._check(code, overrides, sites, f"the code of job folder {code.name!r} from {admin}")
         except FedstreamError as exc:
             log.error("refused a job from %s: %s", admin, exc)
+            shutil.rmtree(code.parent, ignore_errors=True)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace(str(code), "<JOB>"))
         record = JobRecord(job_id, job.name, admin, sites, overrides, signature, code, archive)
         record.save()
